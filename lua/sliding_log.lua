@@ -1,0 +1,48 @@
+-- sliding_log: exact. At most `quota` units in any `window` microseconds.
+--
+-- KEY    a sorted set with one member per admitted unit; score = member = its timestamp in us.
+--        Timestamps are made strictly increasing per key (a unit admitted in the same
+--        microsecond as the newest one takes newest + 1), so members are unique by construction:
+--        no random suffix that could collide, no separate sequence key.
+-- ARGV   (the limit's slot in decide.lua) p1 = quota, p2 = window us, p3 unused.
+-- Result { allowed 1|0, remaining units, reset us (newest unit leaves the window),
+--          retry_after us (the unit that must leave for `cost` to fit leaves), commit }.
+-- TTL    until the newest unit leaves the window, plus the slack.
+-- A clock that steps back counts from the newest timestamp stored.
+-- Trade-off: exact, but memory grows with the quota (one member per admitted unit).
+local function sliding_log(key, now, quota, window, _, cost)
+  local base = now
+  local newest = nil
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  if last[2] then
+    newest = tonumber(last[2])
+    if newest > base then base = newest end
+  end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', base - window)
+  local count = redis.call('ZCARD', key)
+  if count + cost <= quota then
+    local first = base
+    if newest ~= nil and newest + 1 > first then first = newest + 1 end
+    local final = first + cost - 1
+    return { 1, quota - count - cost, final + window - base, 0, function()
+      local args = {}
+      for t = first, final do
+        args[#args + 1] = t
+        args[#args + 1] = string.format('%d', t)
+        if #args >= 1000 then
+          redis.call('ZADD', key, unpack(args))
+          args = {}
+        end
+      end
+      if #args > 0 then redis.call('ZADD', key, unpack(args)) end
+      expire_in(key, final + window - now)
+    end }
+  end
+  local needed = count + cost - quota
+  local oldest = redis.call('ZRANGE', key, needed - 1, needed - 1, 'WITHSCORES')
+  local newest_now = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  local remaining = quota - count
+  if remaining < 0 then remaining = 0 end
+  return { 0, remaining, tonumber(newest_now[2]) + window - base,
+           tonumber(oldest[2]) + window - base, nil }
+end

@@ -1,0 +1,150 @@
+//! The state one tollgate instance shares across connections: the policy in force with its
+//! store and metric handles (a [`Runtime`], swapped whole on reload), the metrics registry and
+//! the upstream clients. In-flight requests keep the `Runtime` they started with.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::config::{self, ConfigErrors};
+use crate::limiter::{Limiter, Store, StoreError};
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::policy::Policy;
+use crate::proxy::Forwarder;
+use crate::tls::{self, TlsError};
+
+/// One loaded policy and what serving it needs.
+pub struct Runtime {
+    pub policy: Policy,
+    pub limiter: Limiter,
+    /// Per route, same order as `policy.routes`.
+    pub route_metrics: Vec<RouteMetrics>,
+    pub store_duration: Histogram,
+    /// The TLS acceptor when `[server.tls]` is set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Why a policy could not be put into service.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot build the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+}
+
+/// Why a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("{0}")]
+    Build(#[from] BuildError),
+    #[error("no config file to reload from")]
+    NoFile,
+}
+
+pub struct App {
+    current: ArcSwap<Runtime>,
+    pub metrics: Metrics,
+    pub forwarder: Forwarder,
+    /// Where the policy came from, for reloads.
+    pub config_path: Option<PathBuf>,
+}
+
+impl App {
+    /// Builds the first runtime. Never contacts the store.
+    pub fn new(policy: Policy, config_path: Option<PathBuf>) -> Result<App, BuildError> {
+        let metrics = Metrics::new();
+        let runtime = Runtime::build(policy, &metrics, None)?;
+        metrics.config_loaded(&runtime.policy.source_hash);
+        Ok(App {
+            current: ArcSwap::from_pointee(runtime),
+            metrics,
+            forwarder: Forwarder::default(),
+            config_path,
+        })
+    }
+
+    /// The runtime in force; hold it for the whole request.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.current.load_full()
+    }
+
+    /// Swaps in a new policy. The store is kept (with its connections and, for the memory
+    /// store, its counters) when the `[store]` table did not change.
+    pub fn install(&self, policy: Policy) -> Result<(), BuildError> {
+        let old = self.current.load();
+        if policy.server.listen != old.policy.server.listen {
+            tracing::warn!(
+                old = %old.policy.server.listen,
+                new = %policy.server.listen,
+                "a changed listen address takes effect only after a restart"
+            );
+        }
+        let reuse = (policy.store == old.policy.store).then(|| old.limiter.store.clone());
+        let runtime = Runtime::build(policy, &self.metrics, reuse)?;
+        self.metrics.config_loaded(&runtime.policy.source_hash);
+        self.current.store(Arc::new(runtime));
+        Ok(())
+    }
+
+    /// Reloads from `config_path` (or from `text`, the file's content already read by the
+    /// watcher); on any error the old policy keeps serving. Counts and logs the result.
+    pub fn reload(&self, text: Option<&str>) -> Result<(), ReloadError> {
+        let result = match (&self.config_path, text) {
+            (None, _) => Err(ReloadError::NoFile),
+            (Some(path), None) => config::load(path).map_err(ReloadError::from),
+            (Some(path), Some(text)) => config::parse(
+                text,
+                &path.display().to_string(),
+                path.parent().unwrap_or(std::path::Path::new(".")),
+            )
+            .map_err(ReloadError::from),
+        }
+        .and_then(|p| self.install(p).map_err(ReloadError::from));
+        match &result {
+            Ok(()) => {
+                self.metrics.reload(true);
+                tracing::info!(hash = %self.runtime().policy.source_hash, "config reloaded");
+            }
+            Err(e) => {
+                self.metrics.reload(false);
+                tracing::error!("config reload refused, the previous config keeps serving:\n{e}");
+            }
+        }
+        result
+    }
+}
+
+impl Runtime {
+    fn build(
+        policy: Policy,
+        metrics: &Metrics,
+        store: Option<Arc<Store>>,
+    ) -> Result<Runtime, BuildError> {
+        let tls = policy.server.tls.as_ref().map(tls::acceptor).transpose()?;
+        let store = match store {
+            Some(s) => s,
+            None => Arc::new(Store::new(&policy.store)?),
+        };
+        let route_metrics = policy
+            .routes
+            .iter()
+            .map(|r| metrics.route(&r.name))
+            .collect();
+        let store_duration = metrics.store_histogram(store.backend_name());
+        Ok(Runtime {
+            limiter: Limiter {
+                store,
+                timeout: policy.store.timeout(),
+            },
+            policy,
+            route_metrics,
+            store_duration,
+            tls,
+        })
+    }
+}

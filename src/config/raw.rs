@@ -1,0 +1,100 @@
+//! serde structs that mirror proxy.toml one to one. Unknown keys are refused
+//! (`deny_unknown_fields`), and every value a later check may complain about keeps its span so
+//! the error can name its line and column. Private to `config`: the rest of tollgate sees only
+//! `policy`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub type S<T> = Spanned<T>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub server: S<RawServer>,
+    #[serde(default)]
+    pub store: Option<S<RawStore>>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, S<RawUpstream>>,
+    #[serde(default)]
+    pub routes: Vec<S<RawRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: S<String>,
+    pub admin: Option<S<String>>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<S<String>>,
+    pub rate_limit_headers: Option<S<String>>,
+    pub ipv6_prefix: Option<S<i64>>,
+    pub max_body: Option<S<toml::Value>>,
+    pub shutdown_grace: Option<S<String>>,
+    pub workers: Option<S<i64>>,
+    pub header_read_timeout: Option<S<String>>,
+    pub tls: Option<S<RawTls>>,
+    pub access_log: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: S<String>,
+    pub key: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub backend: Option<S<String>>,
+    pub url: Option<S<String>>,
+    pub pool_size: Option<S<i64>>,
+    pub timeout: Option<S<String>>,
+    pub prefix: Option<S<String>>,
+    pub max_keys: Option<S<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub targets: S<Vec<S<String>>>,
+    pub connect_timeout: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: S<String>,
+    pub upstream: S<String>,
+    #[serde(rename = "match")]
+    pub matcher: Option<S<RawMatch>>,
+    pub on_store_error: Option<S<String>>,
+    #[serde(default)]
+    pub limits: Vec<S<RawLimit>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub host: Option<S<String>>,
+    pub path: Option<S<String>>,
+    pub path_prefix: Option<S<String>>,
+    pub methods: Option<Vec<S<String>>>,
+    pub headers: Option<BTreeMap<String, S<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimit {
+    /// A string or a list of strings; checked by validation.
+    pub by: Option<S<toml::Value>>,
+    pub algorithm: S<String>,
+    pub rate: S<String>,
+    pub burst: Option<S<i64>>,
+    pub cost: Option<S<i64>>,
+    pub mode: Option<S<String>>,
+}

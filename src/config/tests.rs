@@ -1,0 +1,339 @@
+//! Config validation: every error kind, with its exact line and column.
+
+use std::path::Path;
+
+use super::*;
+use crate::limiter::algorithm::Algorithm;
+use crate::policy::{HeaderStyle, KeySource, Mode, OnStoreError, StoreSettings};
+
+fn parse_str(text: &str) -> Result<Policy, ConfigErrors> {
+    parse(text, "proxy.toml", Path::new("/etc/tollgate"))
+}
+
+const HEAD: &str = "[server]\nlisten = \"127.0.0.1:8080\"\n[upstreams.api]\ntargets = [\"http://127.0.0.1:3000\"]\n";
+
+/// The single error of `text`, as `line:col: message`.
+fn error_of(text: &str) -> String {
+    let errors = parse_str(text).expect_err("config should be refused").0;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let e = &errors[0];
+    assert_eq!(e.file, "proxy.toml");
+    format!("{}:{}: {}", e.line, e.column, e.message)
+}
+
+fn limit_error(limit: &str) -> String {
+    error_of(&format!(
+        "{HEAD}[[routes]]\nname = \"r\"\nupstream = \"api\"\nlimits = [\n  {limit},\n]\n"
+    ))
+}
+
+#[test]
+fn the_shipped_example_is_valid() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml")).unwrap();
+    let p = parse(&text, "proxy.toml", Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!p.routes.is_empty());
+    assert!(matches!(p.store, StoreSettings::Memory { .. }));
+}
+
+#[test]
+fn the_contract_example_is_valid() {
+    let text = r#"
+[server]
+listen = "0.0.0.0:8080"
+admin = "127.0.0.1:9901"
+trusted_proxies = ["10.0.0.0/8"]
+rate_limit_headers = "both"
+ipv6_prefix = 56
+max_body = "10MiB"
+shutdown_grace = "30s"
+workers = 2
+
+[store]
+backend = "redis"
+url = "redis://127.0.0.1:6379/0"
+pool_size = 16
+timeout = "50ms"
+prefix = "tollgate"
+
+[upstreams.api]
+targets = ["http://127.0.0.1:3000", "http://127.0.0.1:3001"]
+connect_timeout = "2s"
+timeout = "30s"
+
+[[routes]]
+name = "login"
+upstream = "api"
+match = { path = "/login", methods = ["POST"] }
+limits = [
+  { by = "ip", algorithm = "sliding_log", rate = "5/min" },
+]
+
+[[routes]]
+name = "api"
+upstream = "api"
+match = { path_prefix = "/v1/" }
+on_store_error = "deny"
+limits = [
+  { by = "header:x-api-key", algorithm = "token_bucket", rate = "10/s", burst = 100 },
+  { by = "header:x-api-key", algorithm = "fixed_window", rate = "10000/day" },
+]
+
+[[routes]]
+name = "everything-else"
+upstream = "api"
+limits = [ { by = ["ip", "header:x-tenant"], algorithm = "gcra", rate = "50/s", burst = 20, cost = 2, mode = "shadow" } ]
+"#;
+    let p = parse_str(text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.server.rate_limit_headers, HeaderStyle::Both);
+    assert_eq!(p.server.ipv6_prefix, 56);
+    assert_eq!(p.server.max_body, Some(10 << 20));
+    assert_eq!(p.server.workers, Some(2));
+    assert_eq!(p.upstreams[0].targets.len(), 2);
+    assert_eq!(p.routes.len(), 3);
+    assert_eq!(p.routes[1].on_store_error, OnStoreError::Deny);
+    assert_eq!(p.routes[0].on_store_error, OnStoreError::Allow);
+    let api = &p.routes[1];
+    assert_eq!(api.keys.len(), 1, "both limits share one key spec");
+    assert_eq!(
+        api.limits[0].algorithm,
+        Algorithm::TokenBucket {
+            burst: 100,
+            refill: 1,
+            unit: 100_000
+        }
+    );
+    assert_eq!(
+        api.limits[1].algorithm,
+        Algorithm::FixedWindow {
+            quota: 10_000,
+            window: 86_400_000_000
+        }
+    );
+    let last = &p.routes[2].limits[0];
+    assert_eq!(last.cost, 2);
+    assert_eq!(last.mode, Mode::Shadow);
+    assert_eq!(
+        last.algorithm,
+        Algorithm::Gcra {
+            burst: 20,
+            interval: 20_000
+        }
+    );
+    assert_eq!(
+        p.routes[2].keys[0].0,
+        vec![
+            KeySource::Ip,
+            KeySource::Header("x-tenant".parse().unwrap())
+        ]
+    );
+    match &p.store {
+        StoreSettings::Redis {
+            pool_size, prefix, ..
+        } => {
+            assert_eq!(*pool_size, 16);
+            assert_eq!(prefix, "tollgate");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn unknown_algorithm_lists_all_five() {
+    assert_eq!(
+        limit_error(r#"{ by = "ip", algorithm = "token-bucket", rate = "5/min" }"#),
+        "9:28: unknown algorithm \"token-bucket\"; expected one of fixed_window, sliding_log, sliding_window, token_bucket, gcra"
+    );
+}
+
+#[test]
+fn bad_rates_point_at_the_rate() {
+    for rate in ["0/min", "5/fortnight", "five/min", "5", "-1/s", "5/0s"] {
+        let e = limit_error(&format!(
+            r#"{{ algorithm = "fixed_window", rate = "{rate}" }}"#
+        ));
+        assert!(e.starts_with("9:40: invalid rate"), "{rate}: {e}");
+    }
+}
+
+#[test]
+fn burst_is_refused_where_the_algorithm_has_none() {
+    for alg in ["fixed_window", "sliding_log", "sliding_window"] {
+        let e = limit_error(&format!(
+            r#"{{ algorithm = "{alg}", rate = "5/s", burst = 3 }}"#
+        ));
+        let col = 43 + alg.len();
+        assert!(
+            e.starts_with(&format!("9:{col}: `burst` is not taken by {alg}")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn unknown_upstream_lists_defined_ones() {
+    let e = error_of(&format!(
+        "{HEAD}[upstreams.billing]\ntargets = [\"http://127.0.0.1:4000\"]\n[[routes]]\nname = \"r\"\nupstream = \"apii\"\n"
+    ));
+    assert_eq!(
+        e,
+        "9:12: unknown upstream \"apii\"; defined upstreams: api, billing"
+    );
+}
+
+#[test]
+fn unknown_keys_are_refused_with_their_position() {
+    let e = error_of("[server]\nlisten = \"127.0.0.1:1\"\nlisten_port = 8080\n");
+    assert!(e.starts_with("3:1: unknown field `listen_port`"), "{e}");
+    let e = limit_error(r#"{ algorithm = "gcra", rate = "5/s", brust = 5 }"#);
+    assert!(e.starts_with("9:39: unknown field `brust`"), "{e}");
+}
+
+#[test]
+fn duplicate_route_names() {
+    let e = error_of(&format!(
+        "{HEAD}[[routes]]\nname = \"a\"\nupstream = \"api\"\n[[routes]]\nname = \"a\"\nupstream = \"api\"\n"
+    ));
+    assert_eq!(
+        e,
+        "9:8: duplicate route name \"a\"; route names must be unique"
+    );
+}
+
+#[test]
+fn bad_cidr_durations_and_addresses() {
+    let e = error_of(
+        "[server]\nlisten = \"127.0.0.1:1\"\ntrusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n",
+    );
+    assert!(
+        e.starts_with("3:34: invalid trusted proxy \"10.0.0.0/33\""),
+        "{e}"
+    );
+    let e = error_of("[server]\nlisten = \"localhost\"\n");
+    assert!(e.starts_with("2:10: invalid listen address"), "{e}");
+    let e = error_of(&format!("{HEAD}connect_timeout = \"2 fortnights\"\n"));
+    assert!(e.starts_with("5:19: invalid duration"), "{e}");
+    let e = error_of("[server]\nlisten = \"127.0.0.1:1\"\n[store]\ntimeout = \"0ms\"\n");
+    assert!(e.starts_with("4:11: must be longer than zero"), "{e}");
+    let e = error_of("[server]\nlisten = \"127.0.0.1:1\"\nmax_body = \"10 parsecs\"\n");
+    assert!(e.starts_with("3:12: invalid size"), "{e}");
+}
+
+#[test]
+fn bad_targets() {
+    for (target, what) in [
+        ("127.0.0.1:3000", "invalid target"),
+        ("https://127.0.0.1", "only http://"),
+        ("http://127.0.0.1:3000/base", "scheme, host and port only"),
+    ] {
+        let e = error_of(&format!(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[upstreams.api]\ntargets = [\"{target}\"]\n"
+        ));
+        assert!(e.starts_with("4:12: ") && e.contains(what), "{target}: {e}");
+    }
+}
+
+#[test]
+fn store_settings_are_checked() {
+    let e = error_of("[server]\nlisten = \"127.0.0.1:1\"\n[store]\nbackend = \"etcd\"\n");
+    assert_eq!(
+        e,
+        "4:11: unknown store backend \"etcd\"; expected one of memory, redis"
+    );
+    let e = error_of(
+        "[server]\nlisten = \"127.0.0.1:1\"\n[store]\nbackend = \"redis\"\nurl = \"http://x\"\n",
+    );
+    assert!(e.starts_with("5:7: invalid Redis url"), "{e}");
+    let e = error_of("[server]\nlisten = \"127.0.0.1:1\"\n[store]\nurl = \"redis://x\"\n");
+    assert!(
+        e.starts_with("4:7: `url` applies only to backend = \"redis\""),
+        "{e}"
+    );
+    let e = error_of("[server]\nlisten = \"127.0.0.1:1\"\n[store]\nbackend = \"redis\"\n");
+    assert!(e.starts_with("3:1: backend = \"redis\" needs `url`"), "{e}");
+}
+
+#[test]
+fn every_error_is_reported_not_just_the_first() {
+    let text = format!(
+        "{HEAD}[[routes]]\nname = \"r\"\nupstream = \"nope\"\nlimits = [\n  {{ algorithm = \"x\", rate = \"1/s\" }},\n  {{ algorithm = \"gcra\", rate = \"0/s\" }},\n]\n"
+    );
+    let errors = parse_str(&text).unwrap_err().0;
+    let positions: Vec<(usize, usize)> = errors.iter().map(|e| (e.line, e.column)).collect();
+    assert_eq!(positions, vec![(7, 12), (9, 17), (10, 32)], "{errors:?}");
+    let rendered = ConfigErrors(errors).to_string();
+    assert!(
+        rendered.lines().all(|l| l.starts_with("proxy.toml:")),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn cost_beyond_the_quota_is_refused() {
+    let e = limit_error(r#"{ algorithm = "token_bucket", rate = "5/s", burst = 3, cost = 4 }"#);
+    assert!(
+        e.starts_with("9:65: cost 4 is more than the limit ever grants"),
+        "{e}"
+    );
+}
+
+#[test]
+fn by_values_are_checked() {
+    let e = limit_error(r#"{ by = "cookie:x", algorithm = "gcra", rate = "5/s" }"#);
+    assert!(e.starts_with("9:10: invalid `by` \"cookie:x\""), "{e}");
+    let e = limit_error(r#"{ by = ["ip", "global"], algorithm = "gcra", rate = "5/s" }"#);
+    assert!(e.contains("cannot be part of a composite key"), "{e}");
+    let e = limit_error(r#"{ by = 5, algorithm = "gcra", rate = "5/s" }"#);
+    assert!(e.starts_with("9:10: invalid `by`"), "{e}");
+}
+
+#[test]
+fn syntax_errors_have_a_position() {
+    let e = error_of("[server]\nlisten = \"127.0.0.1:1\n");
+    assert!(e.starts_with("2:"), "{e}");
+    let e = error_of("");
+    assert!(e.contains("missing field `server`"), "{e}");
+}
+
+#[test]
+fn limit_ids_survive_edits_that_keep_their_identity() {
+    let make = |rate: &str, extra: &str| {
+        let p = parse_str(&format!(
+            "{HEAD}{extra}[[routes]]\nname = \"r\"\nupstream = \"api\"\nlimits = [{{ algorithm = \"fixed_window\", rate = \"{rate}\" }}, {{ algorithm = \"fixed_window\", rate = \"7/min\" }}]\n"
+        ))
+        .unwrap();
+        p.routes
+            .last()
+            .unwrap()
+            .limits
+            .iter()
+            .map(|l| l.id)
+            .collect::<Vec<_>>()
+    };
+    let base = make("5/min", "");
+    assert_eq!(
+        base,
+        make("50/min", ""),
+        "changing the count keeps the counters"
+    );
+    assert_eq!(
+        base,
+        make(
+            "5/min",
+            "[[routes]]\nname = \"other\"\nupstream = \"api\"\n"
+        ),
+        "other routes do not matter"
+    );
+    assert_ne!(base[0], make("5/h", "")[0], "a new window starts afresh");
+    assert_ne!(
+        base[0], base[1],
+        "two limits with the same shape still differ"
+    );
+}
+
+#[test]
+fn tls_paths_resolve_against_the_config_directory() {
+    let p = parse_str("[server]\nlisten = \"127.0.0.1:1\"\n[server.tls]\ncert = \"c.pem\"\nkey = \"/abs/k.pem\"\n").unwrap();
+    let tls = p.server.tls.unwrap();
+    assert_eq!(tls.cert, Path::new("/etc/tollgate/c.pem"));
+    assert_eq!(tls.key, Path::new("/abs/k.pem"));
+}

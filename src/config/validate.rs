@@ -1,0 +1,888 @@
+//! Raw config → `Policy`. Checks everything once, collects every error (not just the first) with
+//! the line and column of the offending value, and prepares what the hot path needs.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::uri::{Scheme, Uri};
+use http::{HeaderValue, Method};
+use ipnet::IpNet;
+
+use super::raw::*;
+use super::units::{self, Rate};
+use super::{ConfigError, ConfigErrors};
+use crate::limiter::algorithm::Algorithm;
+use crate::policy::*;
+
+/// Largest value any algorithm's arithmetic may reach, with room to add a timestamp: Lua's
+/// doubles are exact integers up to 2^53.
+const EXACT_LIMIT: u128 = 1 << 52;
+
+pub const ALGORITHMS: &str = "fixed_window, sliding_log, sliding_window, token_bucket, gcra";
+
+struct Validator<'a> {
+    file: &'a str,
+    source: &'a str,
+    base_dir: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let (line, column) = line_column(self.source, span.start);
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line,
+            column,
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, value: &Option<S<String>>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(v) => match units::parse_duration(v.get_ref()) {
+                Ok(d) => d,
+                Err(message) => {
+                    self.error(v.span(), message);
+                    default
+                }
+            },
+        }
+    }
+
+    fn positive_duration(&mut self, value: &Option<S<String>>, default: Duration) -> Duration {
+        let d = self.duration(value, default);
+        if d.is_zero() {
+            if let Some(v) = value {
+                self.error(v.span(), "must be longer than zero");
+            }
+            return default;
+        }
+        d
+    }
+
+    fn one_of<T: Copy>(
+        &mut self,
+        value: &Option<S<String>>,
+        what: &str,
+        choices: &[(&str, T)],
+        default: T,
+    ) -> T {
+        let Some(v) = value else { return default };
+        if let Some((_, t)) = choices.iter().find(|(name, _)| *name == v.get_ref()) {
+            return *t;
+        }
+        let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+        self.error(
+            v.span(),
+            format!(
+                "unknown {what} \"{}\"; expected one of {}",
+                v.get_ref(),
+                names.join(", ")
+            ),
+        );
+        default
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_column(source: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(source.len());
+    let before = &source[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = source[line_start..offset].chars().count() + 1;
+    (line, column)
+}
+
+/// Validates a parsed file. `file` is the name errors carry; `base_dir` resolves relative paths.
+pub fn validate(
+    raw: RawConfig,
+    file: &str,
+    source: &str,
+    base_dir: &Path,
+) -> Result<Policy, ConfigErrors> {
+    let mut v = Validator {
+        file,
+        source,
+        base_dir,
+        errors: Vec::new(),
+    };
+    let server = server(&mut v, &raw.server);
+    let store = store(&mut v, raw.store.as_ref());
+    let upstreams = upstreams(&mut v, &raw.upstreams);
+    let routes = routes(&mut v, &raw.routes, &upstreams);
+    if v.errors.is_empty() {
+        Ok(Policy {
+            server,
+            store,
+            upstreams: upstreams.into_values().collect(),
+            routes,
+            source_hash: blake3::hash(source.as_bytes()).to_hex()[..16].to_string(),
+        })
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+fn server(v: &mut Validator, raw: &S<RawServer>) -> Server {
+    let s = raw.get_ref();
+    let listen = match SocketAddr::from_str(s.listen.get_ref()) {
+        Ok(a) => a,
+        Err(_) => {
+            v.error(
+                s.listen.span(),
+                format!(
+                    "invalid listen address \"{}\"; expected IP:PORT, e.g. \"0.0.0.0:8080\" or \"[::]:8080\"",
+                    s.listen.get_ref()
+                ),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        }
+    };
+    let admin = s
+        .admin
+        .as_ref()
+        .and_then(|a| match SocketAddr::from_str(a.get_ref()) {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                v.error(
+                    a.span(),
+                    format!(
+                        "invalid admin address \"{}\"; expected IP:PORT, e.g. \"127.0.0.1:9901\"",
+                        a.get_ref()
+                    ),
+                );
+                None
+            }
+        });
+    let mut trusted_proxies = Vec::new();
+    for entry in &s.trusted_proxies {
+        let text = entry.get_ref().trim();
+        let parsed = IpNet::from_str(text)
+            .or_else(|_| IpAddr::from_str(text).map(IpNet::from))
+            .map(|net| net.trunc());
+        match parsed {
+            Ok(net) => trusted_proxies.push(net),
+            Err(_) => v.error(
+                entry.span(),
+                format!(
+                    "invalid trusted proxy \"{text}\"; expected an IP address or a CIDR block such as \"10.0.0.0/8\" or \"fd00::/8\""
+                ),
+            ),
+        }
+    }
+    let rate_limit_headers = v.one_of(
+        &s.rate_limit_headers,
+        "rate_limit_headers",
+        &[
+            ("ietf", HeaderStyle::Ietf),
+            ("legacy", HeaderStyle::Legacy),
+            ("both", HeaderStyle::Both),
+            ("none", HeaderStyle::None),
+        ],
+        HeaderStyle::Ietf,
+    );
+    let ipv6_prefix = match &s.ipv6_prefix {
+        None => 64,
+        Some(p) if (1..=128).contains(p.get_ref()) => *p.get_ref() as u8,
+        Some(p) => {
+            v.error(
+                p.span(),
+                format!(
+                    "invalid ipv6_prefix {}; expected a prefix length from 1 to 128",
+                    p.get_ref()
+                ),
+            );
+            64
+        }
+    };
+    let max_body = s.max_body.as_ref().and_then(|m| {
+        let parsed = match m.get_ref() {
+            toml::Value::Integer(n) if *n >= 0 => Ok(*n as u64),
+            toml::Value::String(text) => units::parse_size(text),
+            other => Err(format!(
+                "invalid max_body {other}; expected a whole number of bytes or a size such as \"10MiB\""
+            )),
+        };
+        parsed.map_err(|message| v.error(m.span(), message)).ok()
+    });
+    let shutdown_grace = v.duration(&s.shutdown_grace, Duration::from_secs(30));
+    let header_read_timeout = v.positive_duration(&s.header_read_timeout, Duration::from_secs(10));
+    let workers = match &s.workers {
+        None => None,
+        Some(w) if (1..=1024).contains(w.get_ref()) => Some(*w.get_ref() as usize),
+        Some(w) => {
+            v.error(
+                w.span(),
+                format!(
+                    "invalid workers {}; expected a number of threads from 1 to 1024",
+                    w.get_ref()
+                ),
+            );
+            None
+        }
+    };
+    let tls = s.tls.as_ref().map(|t| Tls {
+        cert: v.base_dir.join(t.get_ref().cert.get_ref()),
+        key: v.base_dir.join(t.get_ref().key.get_ref()),
+    });
+    Server {
+        listen,
+        admin,
+        trusted_proxies,
+        rate_limit_headers,
+        ipv6_prefix,
+        max_body,
+        shutdown_grace,
+        workers,
+        header_read_timeout,
+        tls,
+        access_log: s.access_log.unwrap_or(false),
+    }
+}
+
+fn store(v: &mut Validator, raw: Option<&S<RawStore>>) -> StoreSettings {
+    let Some(raw) = raw else {
+        return StoreSettings::Memory {
+            max_keys: 1_000_000,
+            timeout: Duration::from_millis(50),
+        };
+    };
+    let s = raw.get_ref();
+    #[derive(Clone, Copy, PartialEq)]
+    enum Backend {
+        Memory,
+        Redis,
+    }
+    let backend = v.one_of(
+        &s.backend,
+        "store backend",
+        &[("memory", Backend::Memory), ("redis", Backend::Redis)],
+        Backend::Memory,
+    );
+    let timeout = v.positive_duration(&s.timeout, Duration::from_millis(50));
+    match backend {
+        Backend::Memory => {
+            for (name, span) in [
+                ("url", s.url.as_ref().map(|x| x.span())),
+                ("pool_size", s.pool_size.as_ref().map(|x| x.span())),
+                ("prefix", s.prefix.as_ref().map(|x| x.span())),
+            ] {
+                if let Some(span) = span {
+                    v.error(
+                        span,
+                        format!("`{name}` applies only to backend = \"redis\""),
+                    );
+                }
+            }
+            let max_keys = match &s.max_keys {
+                None => 1_000_000,
+                Some(m) if *m.get_ref() >= 1 => *m.get_ref() as usize,
+                Some(m) => {
+                    v.error(m.span(), "max_keys must be at least 1");
+                    1_000_000
+                }
+            };
+            StoreSettings::Memory { max_keys, timeout }
+        }
+        Backend::Redis => {
+            if let Some(m) = &s.max_keys {
+                v.error(m.span(), "`max_keys` applies only to backend = \"memory\"");
+            }
+            let url = match &s.url {
+                None => {
+                    v.error(
+                        raw.span(),
+                        "backend = \"redis\" needs `url`, e.g. url = \"redis://127.0.0.1:6379/0\"",
+                    );
+                    String::new()
+                }
+                Some(u) => {
+                    let text = u.get_ref().trim().to_string();
+                    if !(text.starts_with("redis://") || text.starts_with("rediss://")) {
+                        v.error(
+                            u.span(),
+                            "invalid Redis url; expected redis://[user:password@]host:port[/db] or rediss://...",
+                        );
+                    } else if let Err(e) =
+                        redis::IntoConnectionInfo::into_connection_info(text.as_str())
+                    {
+                        v.error(u.span(), format!("invalid Redis url: {e}"));
+                    }
+                    text
+                }
+            };
+            let pool_size = match &s.pool_size {
+                None => 8,
+                Some(p) if (1..=1024).contains(p.get_ref()) => *p.get_ref() as u32,
+                Some(p) => {
+                    v.error(
+                        p.span(),
+                        format!(
+                            "invalid pool_size {}; expected 1 to 1024 connections",
+                            p.get_ref()
+                        ),
+                    );
+                    8
+                }
+            };
+            let prefix = match &s.prefix {
+                None => "tollgate".to_string(),
+                Some(p) => {
+                    let text = p.get_ref();
+                    if text.is_empty()
+                        || text.contains(['{', '}'])
+                        || text.chars().any(|c| c.is_whitespace() || c.is_control())
+                    {
+                        v.error(
+                            p.span(),
+                            format!(
+                                "invalid prefix \"{text}\"; expected a non-empty name without spaces or braces (braces would change the cluster hash tag)"
+                            ),
+                        );
+                    }
+                    text.clone()
+                }
+            };
+            StoreSettings::Redis {
+                url,
+                pool_size,
+                timeout,
+                prefix,
+            }
+        }
+    }
+}
+
+fn upstreams(
+    v: &mut Validator,
+    raw: &BTreeMap<String, S<RawUpstream>>,
+) -> BTreeMap<String, Arc<Upstream>> {
+    let mut out = BTreeMap::new();
+    for (name, up) in raw {
+        let u = up.get_ref();
+        let mut targets = Vec::new();
+        if u.targets.get_ref().is_empty() {
+            v.error(
+                u.targets.span(),
+                format!("upstream \"{name}\" has no targets; expected at least one, e.g. targets = [\"http://127.0.0.1:3000\"]"),
+            );
+        }
+        for t in u.targets.get_ref() {
+            match parse_target(t.get_ref()) {
+                Ok(target) => targets.push(target),
+                Err(message) => v.error(t.span(), message),
+            }
+        }
+        let connect_timeout = v.positive_duration(&u.connect_timeout, Duration::from_secs(2));
+        let timeout = v.positive_duration(&u.timeout, Duration::from_secs(30));
+        out.insert(
+            name.clone(),
+            Arc::new(Upstream::new(
+                name.clone(),
+                targets,
+                connect_timeout,
+                timeout,
+            )),
+        );
+    }
+    out
+}
+
+fn parse_target(text: &str) -> Result<Target, String> {
+    let bad = || {
+        format!(
+            "invalid target \"{text}\"; expected http://HOST:PORT, e.g. \"http://127.0.0.1:3000\""
+        )
+    };
+    let uri = Uri::from_str(text.trim()).map_err(|_| bad())?;
+    let scheme = uri.scheme().ok_or_else(bad)?.clone();
+    if scheme != Scheme::HTTP {
+        return Err(format!(
+            "invalid target \"{text}\": only http:// upstreams are supported (tollgate terminates TLS on its own listener)"
+        ));
+    }
+    let authority = uri.authority().ok_or_else(bad)?.clone();
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "invalid target \"{text}\": credentials in the URL are not supported"
+        ));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "invalid target \"{text}\": a target is scheme, host and port only; requests keep their own path"
+        ));
+    }
+    Ok(Target { scheme, authority })
+}
+
+fn routes(
+    v: &mut Validator,
+    raw: &[S<RawRoute>],
+    upstreams: &BTreeMap<String, Arc<Upstream>>,
+) -> Vec<Route> {
+    let mut seen: HashMap<String, ()> = HashMap::new();
+    let mut out = Vec::new();
+    for r in raw {
+        let r = r.get_ref();
+        let name = r.name.get_ref().clone();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            v.error(
+                r.name.span(),
+                format!("invalid route name \"{name}\"; expected letters, digits, '-', '_' or '.'"),
+            );
+        } else if seen.insert(name.clone(), ()).is_some() {
+            v.error(
+                r.name.span(),
+                format!("duplicate route name \"{name}\"; route names must be unique"),
+            );
+        }
+        let upstream = match upstreams.get(r.upstream.get_ref()) {
+            Some(u) => u.clone(),
+            None => {
+                let defined: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+                let list = if defined.is_empty() {
+                    "none are defined; add an [upstreams.NAME] table".to_string()
+                } else {
+                    format!("defined upstreams: {}", defined.join(", "))
+                };
+                v.error(
+                    r.upstream.span(),
+                    format!("unknown upstream \"{}\"; {list}", r.upstream.get_ref()),
+                );
+                Arc::new(Upstream::new(
+                    String::new(),
+                    Vec::new(),
+                    Duration::ZERO,
+                    Duration::ZERO,
+                ))
+            }
+        };
+        let matcher = r
+            .matcher
+            .as_ref()
+            .map(|m| matcher(v, m.get_ref()))
+            .unwrap_or_default();
+        let on_store_error = v.one_of(
+            &r.on_store_error,
+            "on_store_error",
+            &[("allow", OnStoreError::Allow), ("deny", OnStoreError::Deny)],
+            OnStoreError::Allow,
+        );
+        let mut keys: Vec<KeySpec> = Vec::new();
+        let mut limits = Vec::new();
+        let mut identities: HashMap<String, u32> = HashMap::new();
+        let several = r.limits.len() > 1;
+        for (index, l) in r.limits.iter().enumerate() {
+            let policy_name = if several {
+                format!("{name}/{index}")
+            } else {
+                name.clone()
+            };
+            if let Some(limit) = limit(v, l, policy_name, &name, &mut keys, &mut identities) {
+                limits.push(limit);
+            }
+        }
+        let policy_header = policy_header(&limits);
+        out.push(Route {
+            name: Arc::from(name.as_str()),
+            matcher,
+            upstream,
+            limits,
+            keys,
+            on_store_error,
+            policy_header,
+        });
+    }
+    out
+}
+
+fn matcher(v: &mut Validator, m: &RawMatch) -> Matcher {
+    let mut out = Matcher::default();
+    if let Some(h) = &m.host {
+        let host = h.get_ref().trim().to_ascii_lowercase();
+        let has_port = if host.starts_with('[') {
+            host.contains("]:")
+        } else {
+            host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err()
+        };
+        if host.is_empty() || has_port || host.contains('/') {
+            v.error(
+                h.span(),
+                format!(
+                    "invalid host \"{}\"; expected a host name without port or path, e.g. \"api.example.com\"",
+                    h.get_ref()
+                ),
+            );
+        }
+        out.host = Some(
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+        );
+    }
+    for (field, value) in [("path", &m.path), ("path_prefix", &m.path_prefix)] {
+        if let Some(p) = value {
+            let text = p.get_ref();
+            if !text.starts_with('/') || text.contains(['?', '#']) {
+                v.error(
+                    p.span(),
+                    format!("invalid {field} \"{text}\"; expected a path starting with '/', without query"),
+                );
+            }
+            let normalized = crate::route::normalize_path(text).into_owned();
+            if field == "path" {
+                out.path = Some(normalized);
+            } else {
+                out.path_prefix = Some(normalized);
+            }
+        }
+    }
+    if let Some(methods) = &m.methods {
+        for method in methods {
+            let upper = method.get_ref().to_ascii_uppercase();
+            match Method::from_bytes(upper.as_bytes()) {
+                Ok(m) if !upper.is_empty() => out.methods.push(m),
+                _ => v.error(
+                    method.span(),
+                    format!(
+                        "invalid method \"{}\"; expected a token such as GET or POST",
+                        method.get_ref()
+                    ),
+                ),
+            }
+        }
+    }
+    if let Some(headers) = &m.headers {
+        for (name, value) in headers {
+            let Ok(header) = HeaderName::from_str(name) else {
+                v.error(value.span(), format!("invalid header name \"{name}\""));
+                continue;
+            };
+            match HeaderValue::from_str(value.get_ref()) {
+                Ok(hv) => out.headers.push((header, hv)),
+                Err(_) => v.error(
+                    value.span(),
+                    format!("invalid value for header \"{name}\": only visible ASCII and spaces are allowed"),
+                ),
+            }
+        }
+    }
+    out
+}
+
+fn key_spec(v: &mut Validator, by: Option<&S<toml::Value>>) -> Option<KeySpec> {
+    let Some(by) = by else {
+        return Some(KeySpec(vec![KeySource::Ip]));
+    };
+    let help = "expected \"ip\", \"header:NAME\", \"query:NAME\", \"global\", or a list of these";
+    let items: Vec<&str> = match by.get_ref() {
+        toml::Value::String(s) => vec![s.as_str()],
+        toml::Value::Array(a) if !a.is_empty() => {
+            let mut items = Vec::new();
+            for item in a {
+                match item.as_str() {
+                    Some(s) => items.push(s),
+                    None => {
+                        v.error(by.span(), format!("invalid `by` entry {item}; {help}"));
+                        return None;
+                    }
+                }
+            }
+            items
+        }
+        other => {
+            v.error(by.span(), format!("invalid `by` {other}; {help}"));
+            return None;
+        }
+    };
+    let mut sources = Vec::new();
+    for item in items {
+        let source = match item.split_once(':') {
+            None if item == "ip" => KeySource::Ip,
+            None if item == "global" => KeySource::Global,
+            Some(("header", name)) => match HeaderName::from_str(name.trim()) {
+                Ok(h) => KeySource::Header(h),
+                Err(_) => {
+                    v.error(by.span(), format!("invalid header name \"{name}\" in `by`"));
+                    return None;
+                }
+            },
+            Some(("query", name)) if !name.trim().is_empty() => {
+                KeySource::Query(name.trim().to_string())
+            }
+            _ => {
+                v.error(by.span(), format!("invalid `by` \"{item}\"; {help}"));
+                return None;
+            }
+        };
+        if sources.contains(&source) {
+            v.error(by.span(), format!("`by` names \"{item}\" twice"));
+            return None;
+        }
+        sources.push(source);
+    }
+    if sources.len() > 1 && sources.contains(&KeySource::Global) {
+        v.error(
+            by.span(),
+            "\"global\" is one counter for the whole route; it cannot be part of a composite key",
+        );
+        return None;
+    }
+    Some(KeySpec(sources))
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+fn limit(
+    v: &mut Validator,
+    raw: &S<RawLimit>,
+    policy_name: String,
+    route_name: &str,
+    keys: &mut Vec<KeySpec>,
+    identities: &mut HashMap<String, u32>,
+) -> Option<Limit> {
+    let l = raw.get_ref();
+    let spec = key_spec(v, l.by.as_ref());
+    let rate = match units::parse_rate(l.rate.get_ref()) {
+        Ok(r) => Some(r),
+        Err(message) => {
+            v.error(l.rate.span(), message);
+            None
+        }
+    };
+    let algorithm_name: &'static str = match l.algorithm.get_ref().as_str() {
+        "fixed_window" => "fixed_window",
+        "sliding_log" => "sliding_log",
+        "sliding_window" => "sliding_window",
+        "token_bucket" => "token_bucket",
+        "gcra" => "gcra",
+        other => {
+            v.error(
+                l.algorithm.span(),
+                format!("unknown algorithm \"{other}\"; expected one of {ALGORITHMS}"),
+            );
+            return None;
+        }
+    };
+    let mode = v.one_of(
+        &l.mode,
+        "mode",
+        &[("enforce", Mode::Enforce), ("shadow", Mode::Shadow)],
+        Mode::Enforce,
+    );
+    let cost = match &l.cost {
+        None => 1,
+        Some(c) if *c.get_ref() >= 1 => *c.get_ref() as u64,
+        Some(c) => {
+            v.error(
+                c.span(),
+                format!(
+                    "invalid cost {}; expected a whole number of at least 1",
+                    c.get_ref()
+                ),
+            );
+            1
+        }
+    };
+    let takes_burst = matches!(algorithm_name, "token_bucket" | "gcra");
+    if let (Some(b), false) = (&l.burst, takes_burst) {
+        v.error(
+            b.span(),
+            format!("`burst` is not taken by {algorithm_name}; only token_bucket and gcra have a burst (the window algorithms admit `rate` per window)"),
+        );
+    }
+    let burst = match &l.burst {
+        Some(b) if takes_burst && *b.get_ref() < 1 => {
+            v.error(
+                b.span(),
+                format!(
+                    "invalid burst {}; expected a whole number of at least 1",
+                    b.get_ref()
+                ),
+            );
+            return None;
+        }
+        Some(b) if takes_burst && *b.get_ref() as u64 > units::MAX_COUNT => {
+            v.error(
+                b.span(),
+                format!(
+                    "invalid burst {}; at most {}",
+                    b.get_ref(),
+                    units::MAX_COUNT
+                ),
+            );
+            return None;
+        }
+        Some(b) if takes_burst => Some(*b.get_ref() as u64),
+        _ => None,
+    };
+    let (spec, Rate { count, period }) = (spec?, rate?);
+    let period_us = period.as_micros() as u64;
+    let quota = burst.unwrap_or(count);
+    let rate_span = l.rate.span();
+    let too_large = |what: &str| {
+        format!(
+            "rate \"{}\" with {what} is too large for exact arithmetic; use a smaller count or a shorter period",
+            l.rate.get_ref()
+        )
+    };
+    let algorithm = match algorithm_name {
+        "fixed_window" => Algorithm::FixedWindow {
+            quota: count,
+            window: period_us,
+        },
+        "sliding_window" => Algorithm::SlidingWindow {
+            quota: count,
+            window: period_us,
+        },
+        "sliding_log" => {
+            if count > period_us {
+                v.error(rate_span, "sliding_log counts at most one request per microsecond of its window; use a longer window or another algorithm");
+                return None;
+            }
+            Algorithm::SlidingLog {
+                quota: count,
+                window: period_us,
+            }
+        }
+        "token_bucket" => {
+            let g = gcd(count, period_us);
+            let (refill, unit) = (count / g, period_us / g);
+            if quota as u128 * unit as u128 >= EXACT_LIMIT {
+                v.error(rate_span, too_large(&format!("burst {quota}")));
+                return None;
+            }
+            Algorithm::TokenBucket {
+                burst: quota,
+                refill,
+                unit,
+            }
+        }
+        _ => {
+            let interval = period_us / count;
+            if interval == 0 {
+                v.error(rate_span, "gcra spaces requests at least one microsecond apart; this rate is faster than that: use token_bucket");
+                return None;
+            }
+            if quota as u128 * interval as u128 >= EXACT_LIMIT {
+                v.error(rate_span, too_large(&format!("burst {quota}")));
+                return None;
+            }
+            Algorithm::Gcra {
+                burst: quota,
+                interval,
+            }
+        }
+    };
+    if cost > quota {
+        let span = l.cost.as_ref().map_or(raw.span(), |c| c.span());
+        let what = if takes_burst { "burst" } else { "rate" };
+        v.error(
+            span,
+            format!("cost {cost} is more than the limit ever grants at once ({what} {quota}): every request would be rejected"),
+        );
+        return None;
+    }
+    let window_secs = if takes_burst {
+        (quota as u128 * period_us as u128)
+            .div_ceil(count as u128 * 1_000_000)
+            .max(1) as u64
+    } else {
+        period_us.div_ceil(1_000_000).max(1)
+    };
+    let key = match keys.iter().position(|k| *k == spec) {
+        Some(i) => i,
+        None => {
+            keys.push(spec.clone());
+            keys.len() - 1
+        }
+    };
+    let id = limit_id(route_name, algorithm_name, &spec, period_us, identities);
+    Some(Limit {
+        name: policy_name,
+        algorithm_name,
+        algorithm,
+        rate_text: l.rate.get_ref().clone(),
+        key,
+        cost,
+        mode,
+        id,
+        quota,
+        window_secs,
+    })
+}
+
+/// A limit's counters are identified by its route name, algorithm, key specification and
+/// period (plus an occurrence number when a route repeats all four). Changing a limit's count,
+/// burst, cost or mode, reordering limits, or editing other routes keeps its counters across a
+/// reload; renaming the route or changing any of the four starts it afresh.
+fn limit_id(
+    route: &str,
+    algorithm: &str,
+    spec: &KeySpec,
+    period_us: u64,
+    seen: &mut HashMap<String, u32>,
+) -> u64 {
+    let identity = format!("{route}\0{algorithm}\0{spec}\0{period_us}");
+    let occurrence = seen.entry(identity.clone()).or_insert(0);
+    let text = format!("{identity}\0{occurrence}");
+    *occurrence += 1;
+    let hash = blake3::hash(text.as_bytes());
+    u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// `"name";q=N;w=S, ...` for the enforced limits (shadow limits bind nobody, so clients are not
+/// told about them).
+fn policy_header(limits: &[Limit]) -> Option<HeaderValue> {
+    let items: Vec<String> = limits
+        .iter()
+        .filter(|l| l.mode == Mode::Enforce)
+        .map(|l| format!("\"{}\";q={};w={}", l.name, l.quota, l.window_secs))
+        .collect();
+    if items.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&items.join(", ")).ok()
+}
+
+/// Names of routes that can never match because an earlier route matches everything they do.
+/// Reported by `check` as warnings.
+pub fn shadowed_routes(policy: &Policy) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut catch_all: Option<&str> = None;
+    let mut seen = HashSet::new();
+    for route in &policy.routes {
+        if let Some(earlier) = catch_all {
+            out.push((route.name.to_string(), earlier.to_string()));
+        }
+        let m = &route.matcher;
+        let matches_all = m.host.is_none()
+            && m.path.is_none()
+            && m.methods.is_empty()
+            && m.headers.is_empty()
+            && m.path_prefix.as_deref().is_none_or(|p| p == "/");
+        if matches_all && catch_all.is_none() {
+            catch_all = Some(&route.name);
+        }
+        seen.insert(route.name.clone());
+    }
+    out
+}

@@ -1,0 +1,149 @@
+//! tollgate: a reverse proxy that rate-limits an HTTP API from one TOML policy.
+//!
+//! A request flows through these modules, in this order:
+//!
+//! - [`server`]: accepts connections (TLS, HTTP/1.1, HTTP/2, upgrades), drains on shutdown.
+//! - [`pipeline`]: the life of one request, phase by phase, in one function.
+//! - [`route`]: the first route whose `match` fits (on a normalised path).
+//! - [`identity`]: the client IP (trusted-proxy walk) and the hashed identity of each limit.
+//! - [`limiter`]: all limits of the route decided together in one store call — the
+//!   [`limiter::algorithm`]s in process ([`limiter::memory`]) or as Lua scripts in Redis
+//!   ([`limiter::redis`], scripts in `lua/`).
+//! - [`response`]: 429 / 503 / 404 / 502 / 504 / 413 / 400 as problem+json, rate-limit headers.
+//! - [`proxy`]: forwarding — hop-by-hop headers, `X-Forwarded-*`, `Via`, streaming, upgrades.
+//! - [`metrics`] and [`logging`]: recorded once per request at the end of the pipeline.
+//!
+//! Around them: [`config`] parses and validates proxy.toml into a typed [`policy::Policy`];
+//! [`app`] holds the policy in force with its store and swaps it whole on reload; [`reload`]
+//! watches for SIGHUP and file changes; [`admin`] serves /healthz, /readyz and /metrics;
+//! [`tls`] builds the rustls acceptor; [`report`] renders `check`'s summary.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod identity;
+pub mod limiter;
+pub mod logging;
+pub mod metrics;
+pub mod pipeline;
+pub mod policy;
+pub mod proxy;
+pub mod reload;
+pub mod report;
+pub mod response;
+pub mod route;
+pub mod server;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub use app::App;
+pub use policy::Policy;
+
+/// Serves until `shutdown` resolves: the proxy on `listener`, the admin endpoints on `admin`,
+/// and the reload watcher. Returns when in-flight requests have drained (or the grace expired).
+pub async fn run(
+    app: Arc<App>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    };
+    if let Some(admin) = admin {
+        tokio::spawn(admin::serve(
+            app.clone(),
+            admin,
+            until_stopped(stopped.clone()),
+        ));
+    }
+    tokio::spawn(reload::watch(app.clone(), until_stopped(stopped.clone())));
+    server::serve(app, listener, shutdown).await;
+    let _ = stop.send(true);
+}
+
+/// Why tollgate could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Build(#[from] app::BuildError),
+}
+
+/// A tollgate started in this process (tests, benchmarks, `main`).
+pub struct Running {
+    /// The proxy's bound address (useful when the config said port 0).
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub app: Arc<App>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Starts draining and waits until tollgate has stopped.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Waits until tollgate stops by itself.
+    pub async fn wait(mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Binds the listeners `policy` names and serves in the background until [`Running::stop`]
+/// or `shutdown` (whichever comes first).
+pub async fn start(
+    policy: Policy,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Running, StartError> {
+    let listener = bind(policy.server.listen).await?;
+    let admin = match policy.server.admin {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: policy.server.listen,
+        source,
+    })?;
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    let app = Arc::new(App::new(policy, config_path)?);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(run(app.clone(), listener, admin, async move {
+        tokio::select! {
+            _ = stopped => {}
+            () = shutdown => {}
+        }
+    }));
+    Ok(Running {
+        addr,
+        admin_addr,
+        app,
+        stop: Some(stop),
+        task,
+    })
+}

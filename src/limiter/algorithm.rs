@@ -1,0 +1,649 @@
+//! The five rate-limit algorithms as small pure functions of (state, now, cost).
+//!
+//! This file is the reference: the memory store runs these functions, and every script in `lua/`
+//! performs the same integer arithmetic step for step (a property test holds them to it). Times
+//! are microseconds since the Unix epoch. Every quantity stays below 2^53 so that Lua's numbers
+//! (IEEE doubles) represent it exactly; `policy` validation guarantees the bounds.
+//!
+//! A decision has two phases, so that a request with several limits is all-or-nothing:
+//! [`Algorithm::check`] brings a state up to `now` (dropping what expired, which changes nothing
+//! observable) and says what admitting `cost` would do; [`Algorithm::commit`] applies it, and is
+//! called only when every limit of the request allowed.
+
+use std::collections::VecDeque;
+
+/// Microseconds since the Unix epoch.
+pub type Micros = u64;
+
+/// Extra time every stored state lives past the moment it becomes equivalent to a fresh one, so
+/// that a store's expiry never races a decision that still needs the state.
+pub const TTL_SLACK: Micros = 1_000_000;
+
+/// One algorithm with its parameters, in the units the arithmetic uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// At most `quota` units per aligned window of `window` µs.
+    FixedWindow { quota: u64, window: Micros },
+    /// The current window's count plus the previous window's, weighted by how much of it the
+    /// sliding window still covers (rounded up), must stay within `quota`.
+    SlidingWindow { quota: u64, window: Micros },
+    /// Exact: at most `quota` units in any `window` µs, one timestamp per admitted unit.
+    SlidingLog { quota: u64, window: Micros },
+    /// A bucket of `burst` tokens refilled at `refill` units per µs, where one token is `unit`
+    /// units (the rate N/P reduced by gcd(N, P): refill = N', unit = P'). Integers throughout.
+    TokenBucket { burst: u64, refill: u64, unit: u64 },
+    /// Generic cell rate: emission interval `interval` µs, `burst` back-to-back cells.
+    Gcra { burst: u64, interval: Micros },
+}
+
+/// What one limit keeps between requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Fixed window: window number and units counted in it.
+    Window { index: u64, count: u64 },
+    /// Sliding window: current window number, its count, and the previous window's count.
+    TwoWindows {
+        index: u64,
+        current: u64,
+        previous: u64,
+    },
+    /// Sliding log: the timestamp of every admitted unit, oldest first, strictly increasing.
+    Log(VecDeque<Micros>),
+    /// Token bucket: level in units (a token is `unit` units) at time `last`.
+    Bucket { level: u64, last: Micros },
+    /// GCRA: the theoretical arrival time of the next cell.
+    Tat(Micros),
+}
+
+/// What a limit says about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub allowed: bool,
+    /// Units left after this request (if allowed) or now (if not).
+    pub remaining: u64,
+    /// µs until the limit's whole quota is available again.
+    pub reset: Micros,
+    /// µs until this request could be admitted; 0 when allowed.
+    pub retry_after: Micros,
+}
+
+fn div_ceil(a: u64, b: u64) -> u64 {
+    a.div_ceil(b)
+}
+
+/// `ceil(a * b / c)` evaluated exactly as Lua does it: in IEEE doubles, left to right. Used only
+/// by the sliding-window approximation, where the product may pass 2^53; doing it the same way on
+/// both sides keeps the memory store and the scripts in agreement to the bit.
+fn lua_mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
+    (a as f64 * b as f64 / c as f64).ceil() as u64
+}
+
+/// `floor(a * b / c)`, in doubles, as Lua does it.
+fn lua_mul_div_floor(a: u64, b: u64, c: u64) -> u64 {
+    (a as f64 * b as f64 / c as f64).floor() as u64
+}
+
+impl Algorithm {
+    /// The state of a key nobody has used, at `now`.
+    pub fn fresh(&self, now: Micros) -> State {
+        match *self {
+            Algorithm::FixedWindow { window, .. } => State::Window {
+                index: now / window,
+                count: 0,
+            },
+            Algorithm::SlidingWindow { window, .. } => State::TwoWindows {
+                index: now / window,
+                current: 0,
+                previous: 0,
+            },
+            Algorithm::SlidingLog { .. } => State::Log(VecDeque::new()),
+            Algorithm::TokenBucket { burst, unit, .. } => State::Bucket {
+                level: burst * unit,
+                last: now,
+            },
+            Algorithm::Gcra { .. } => State::Tat(now),
+        }
+    }
+
+    /// Whether `state` is the kind of state this algorithm keeps (a reload may change the
+    /// algorithm behind a key; a mismatched state is then treated as fresh).
+    pub fn owns(&self, state: &State) -> bool {
+        matches!(
+            (self, state),
+            (Algorithm::FixedWindow { .. }, State::Window { .. })
+                | (Algorithm::SlidingWindow { .. }, State::TwoWindows { .. })
+                | (Algorithm::SlidingLog { .. }, State::Log(_))
+                | (Algorithm::TokenBucket { .. }, State::Bucket { .. })
+                | (Algorithm::Gcra { .. }, State::Tat(_))
+        )
+    }
+
+    /// Brings `state` up to `now` and says whether `cost` units fit. Changes to `state` made here
+    /// are normalisation only (expired entries dropped, windows rolled): a denied request leaves
+    /// the limit as it was.
+    pub fn check(&self, state: &mut State, now: Micros, cost: u64) -> Outcome {
+        match (*self, state) {
+            (Algorithm::FixedWindow { quota, window }, State::Window { index, count }) => {
+                // A clock that stepped back keeps counting in the newest window seen.
+                let current = (now / window).max(*index);
+                if current != *index {
+                    *index = current;
+                    *count = 0;
+                }
+                let end = (current + 1) * window;
+                let reset = end.saturating_sub(now);
+                if *count + cost <= quota {
+                    Outcome {
+                        allowed: true,
+                        remaining: quota - *count - cost,
+                        reset,
+                        retry_after: 0,
+                    }
+                } else {
+                    Outcome {
+                        allowed: false,
+                        remaining: quota.saturating_sub(*count),
+                        reset,
+                        retry_after: reset,
+                    }
+                }
+            }
+            (
+                Algorithm::SlidingWindow { quota, window },
+                State::TwoWindows {
+                    index,
+                    current,
+                    previous,
+                },
+            ) => {
+                let idx = (now / window).max(*index);
+                if idx == *index + 1 {
+                    *previous = *current;
+                    *current = 0;
+                } else if idx != *index {
+                    *previous = 0;
+                    *current = 0;
+                }
+                *index = idx;
+                let start = idx * window;
+                let elapsed = now.saturating_sub(start).min(window);
+                let weighted = if *previous > 0 {
+                    lua_mul_div_ceil(*previous, window - elapsed, window)
+                } else {
+                    0
+                };
+                let estimate = weighted + *current;
+                if estimate + cost <= quota {
+                    Outcome {
+                        allowed: true,
+                        remaining: quota - estimate - cost,
+                        // After the commit the current window holds units: they weigh on the
+                        // estimate until the end of the next window.
+                        reset: (start + 2 * window).saturating_sub(now),
+                        retry_after: 0,
+                    }
+                } else {
+                    let reset = if *current > 0 {
+                        (start + 2 * window).saturating_sub(now)
+                    } else if *previous > 0 {
+                        (start + window).saturating_sub(now)
+                    } else {
+                        0
+                    };
+                    // Units the weighted previous window may still hold for `cost` to fit now.
+                    let retry_after = if quota >= cost + *current && *previous > 0 {
+                        let room = quota - cost - *current;
+                        // Smallest elapsed e with ceil(previous * (window - e) / window) <= room.
+                        let earliest = window - lua_mul_div_floor(room, window, *previous);
+                        earliest.saturating_sub(elapsed).max(1)
+                    } else {
+                        // Wait for the next window, where this window's count becomes the
+                        // weighted previous one and the current count starts from zero.
+                        let room = quota - cost;
+                        let earliest = if *current > 0 {
+                            window - lua_mul_div_floor(room, window, *current).min(window)
+                        } else {
+                            0
+                        };
+                        (window - elapsed) + earliest
+                    };
+                    Outcome {
+                        allowed: false,
+                        remaining: quota.saturating_sub(estimate),
+                        reset,
+                        retry_after,
+                    }
+                }
+            }
+            (Algorithm::SlidingLog { quota, window }, State::Log(log)) => {
+                let base = match log.back() {
+                    Some(&newest) => now.max(newest),
+                    None => now,
+                };
+                let cutoff = base.saturating_sub(window);
+                while log.front().is_some_and(|&t| t <= cutoff) {
+                    log.pop_front();
+                }
+                let count = log.len() as u64;
+                if count + cost <= quota {
+                    let first = match log.back() {
+                        Some(&newest) => base.max(newest + 1),
+                        None => base,
+                    };
+                    let last = first + cost - 1;
+                    Outcome {
+                        allowed: true,
+                        remaining: quota - count - cost,
+                        reset: last + window - base,
+                        retry_after: 0,
+                    }
+                } else {
+                    // The unit that must expire before `cost` fits: the j-th oldest.
+                    let j = (count + cost - quota) as usize;
+                    let oldest_needed = log[j - 1];
+                    let newest = *log.back().expect("a denied log is not empty");
+                    Outcome {
+                        allowed: false,
+                        remaining: quota.saturating_sub(count),
+                        reset: newest + window - base,
+                        retry_after: oldest_needed + window - base,
+                    }
+                }
+            }
+            (
+                Algorithm::TokenBucket {
+                    burst,
+                    refill,
+                    unit,
+                },
+                State::Bucket { level, last },
+            ) => {
+                let capacity = burst * unit;
+                let base = now.max(*last);
+                let missing = capacity.saturating_sub(*level);
+                let elapsed = base - *last;
+                // Compare before multiplying so that a long idle time cannot overflow.
+                if elapsed >= div_ceil(missing, refill) {
+                    *level = capacity;
+                } else {
+                    *level += elapsed * refill;
+                }
+                *last = base;
+                let need = cost * unit;
+                if *level >= need {
+                    let after = *level - need;
+                    Outcome {
+                        allowed: true,
+                        remaining: after / unit,
+                        reset: div_ceil(capacity - after, refill),
+                        retry_after: 0,
+                    }
+                } else {
+                    Outcome {
+                        allowed: false,
+                        remaining: *level / unit,
+                        reset: div_ceil(capacity - *level, refill),
+                        retry_after: div_ceil(need - *level, refill),
+                    }
+                }
+            }
+            (Algorithm::Gcra { burst, interval }, State::Tat(tat)) => {
+                let tolerance = burst * interval;
+                let start = (*tat).max(now);
+                let next = start + cost * interval;
+                if next - now <= tolerance {
+                    Outcome {
+                        allowed: true,
+                        remaining: (tolerance - (next - now)) / interval,
+                        reset: next - now,
+                        retry_after: 0,
+                    }
+                } else {
+                    Outcome {
+                        allowed: false,
+                        remaining: tolerance.saturating_sub(start - now) / interval,
+                        reset: start - now,
+                        retry_after: next - now - tolerance,
+                    }
+                }
+            }
+            (alg, state) => {
+                // A state of another algorithm (the limit changed algorithm on reload): start
+                // afresh, then decide.
+                *state = alg.fresh(now);
+                alg.check(state, now, cost)
+            }
+        }
+    }
+
+    /// Applies an admitted request to a state that [`Algorithm::check`] has just brought to `now`.
+    pub fn commit(&self, state: &mut State, now: Micros, cost: u64) {
+        match (*self, state) {
+            (Algorithm::FixedWindow { .. }, State::Window { count, .. }) => *count += cost,
+            (Algorithm::SlidingWindow { .. }, State::TwoWindows { current, .. }) => {
+                *current += cost
+            }
+            (Algorithm::SlidingLog { .. }, State::Log(log)) => {
+                let first = match log.back() {
+                    Some(&newest) => now.max(newest + 1),
+                    None => now,
+                };
+                log.extend(first..first + cost);
+            }
+            (Algorithm::TokenBucket { unit, .. }, State::Bucket { level, .. }) => {
+                *level -= cost * unit;
+            }
+            (Algorithm::Gcra { interval, .. }, State::Tat(tat)) => {
+                *tat = (*tat).max(now) + cost * interval;
+            }
+            _ => unreachable!("commit follows a check of the same algorithm"),
+        }
+    }
+
+    /// µs from `now` after which `state` is equivalent to a fresh one and may be forgotten; the
+    /// stores add [`TTL_SLACK`].
+    pub fn ttl(&self, state: &State, now: Micros) -> Micros {
+        match (*self, state) {
+            (Algorithm::FixedWindow { window, .. }, State::Window { index, .. }) => {
+                ((index + 1) * window).saturating_sub(now)
+            }
+            (Algorithm::SlidingWindow { window, .. }, State::TwoWindows { index, .. }) => {
+                ((index + 2) * window).saturating_sub(now)
+            }
+            (Algorithm::SlidingLog { window, .. }, State::Log(log)) => log
+                .back()
+                .map_or(0, |&newest| (newest + window).saturating_sub(now)),
+            (
+                Algorithm::TokenBucket {
+                    burst,
+                    refill,
+                    unit,
+                },
+                State::Bucket { level, last },
+            ) => {
+                let full_at = last + div_ceil((burst * unit).saturating_sub(*level), refill);
+                full_at.saturating_sub(now)
+            }
+            (Algorithm::Gcra { .. }, State::Tat(tat)) => tat.saturating_sub(now),
+            _ => 0,
+        }
+    }
+
+    /// The number of units the limit grants in a full quota (`q` in RateLimit-Policy).
+    pub fn quota(&self) -> u64 {
+        match *self {
+            Algorithm::FixedWindow { quota, .. }
+            | Algorithm::SlidingWindow { quota, .. }
+            | Algorithm::SlidingLog { quota, .. } => quota,
+            Algorithm::TokenBucket { burst, .. } | Algorithm::Gcra { burst, .. } => burst,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: Micros = 1_000_000;
+    const T0: Micros = 1_700_000_000 * SEC;
+
+    /// Runs one request through check + commit, as a store would.
+    fn hit(alg: &Algorithm, state: &mut State, now: Micros, cost: u64) -> Outcome {
+        let outcome = alg.check(state, now, cost);
+        if outcome.allowed {
+            alg.commit(state, now, cost);
+        }
+        outcome
+    }
+
+    fn admitted_back_to_back(alg: Algorithm, tries: u64) -> u64 {
+        let mut state = alg.fresh(T0);
+        (0..tries)
+            .filter(|_| hit(&alg, &mut state, T0, 1).allowed)
+            .count() as u64
+    }
+
+    #[test]
+    fn each_algorithm_admits_exactly_its_quota_at_once() {
+        let window = 60 * SEC;
+        assert_eq!(
+            admitted_back_to_back(Algorithm::FixedWindow { quota: 5, window }, 20),
+            5
+        );
+        assert_eq!(
+            admitted_back_to_back(Algorithm::SlidingWindow { quota: 5, window }, 20),
+            5
+        );
+        assert_eq!(
+            admitted_back_to_back(Algorithm::SlidingLog { quota: 5, window }, 20),
+            5
+        );
+        // 10/s, burst 7: one token per 100 ms.
+        let bucket = Algorithm::TokenBucket {
+            burst: 7,
+            refill: 1,
+            unit: 100_000,
+        };
+        assert_eq!(admitted_back_to_back(bucket, 20), 7);
+        // 3/s burst 4: interval 333_333 µs (rounded down).
+        assert_eq!(
+            admitted_back_to_back(
+                Algorithm::Gcra {
+                    burst: 4,
+                    interval: 333_333
+                },
+                20
+            ),
+            4
+        );
+    }
+
+    #[test]
+    fn fixed_window_resets_at_the_boundary() {
+        let alg = Algorithm::FixedWindow {
+            quota: 2,
+            window: 10 * SEC,
+        };
+        let start = T0 - T0 % (10 * SEC);
+        let mut s = alg.fresh(start);
+        assert!(hit(&alg, &mut s, start + 1, 1).allowed);
+        assert!(hit(&alg, &mut s, start + 2, 1).allowed);
+        let denied = hit(&alg, &mut s, start + 3 * SEC, 1);
+        assert!(!denied.allowed);
+        assert_eq!(denied.retry_after, 7 * SEC);
+        assert_eq!(denied.remaining, 0);
+        let next = hit(&alg, &mut s, start + 10 * SEC, 1);
+        assert!(next.allowed);
+        assert_eq!(next.remaining, 1);
+    }
+
+    #[test]
+    fn sliding_log_frees_units_one_by_one() {
+        let alg = Algorithm::SlidingLog {
+            quota: 3,
+            window: 10 * SEC,
+        };
+        let mut s = alg.fresh(T0);
+        for i in 0..3 {
+            assert!(hit(&alg, &mut s, T0 + i * SEC, 1).allowed);
+        }
+        let denied = hit(&alg, &mut s, T0 + 5 * SEC, 1);
+        assert!(!denied.allowed);
+        assert_eq!(denied.retry_after, 5 * SEC);
+        assert_eq!(denied.reset, 7 * SEC);
+        // Exactly when the oldest unit leaves the window, one more fits.
+        assert!(!hit(&alg, &mut s, T0 + 10 * SEC - 1, 1).allowed);
+        assert!(hit(&alg, &mut s, T0 + 10 * SEC, 1).allowed);
+        // A cost of 2 needs two old units gone.
+        let denied = hit(&alg, &mut s, T0 + 10 * SEC, 2);
+        assert_eq!(denied.retry_after, 2 * SEC);
+    }
+
+    #[test]
+    fn sliding_log_same_microsecond_entries_stay_distinct() {
+        let alg = Algorithm::SlidingLog {
+            quota: 10,
+            window: SEC,
+        };
+        let mut s = alg.fresh(T0);
+        for _ in 0..4 {
+            assert!(hit(&alg, &mut s, T0, 2).allowed);
+        }
+        let State::Log(log) = &s else { unreachable!() };
+        let v: Vec<_> = log.iter().copied().collect();
+        assert_eq!(v, (T0..T0 + 8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn sliding_window_weighs_the_previous_window() {
+        let alg = Algorithm::SlidingWindow {
+            quota: 10,
+            window: 10 * SEC,
+        };
+        let start = T0 - T0 % (10 * SEC);
+        let mut s = alg.fresh(start);
+        for _ in 0..10 {
+            assert!(hit(&alg, &mut s, start, 1).allowed);
+        }
+        assert!(!hit(&alg, &mut s, start + 9 * SEC, 1).allowed);
+        // 30% into the next window, the previous 10 weigh ceil(7) = 7: three fit.
+        let t = start + 13 * SEC;
+        let first = hit(&alg, &mut s, t, 1);
+        assert!(first.allowed);
+        assert_eq!(first.remaining, 2);
+        assert!(hit(&alg, &mut s, t, 1).allowed);
+        assert!(hit(&alg, &mut s, t, 1).allowed);
+        let denied = hit(&alg, &mut s, t, 1);
+        assert!(!denied.allowed);
+        // ceil(10 * (10 - e) / 10) <= 10 - 1 - 3 = 6 from e = 4 s: 1 s from now.
+        assert_eq!(denied.retry_after, SEC);
+        assert!(hit(&alg, &mut s, t + SEC, 1).allowed);
+    }
+
+    #[test]
+    fn sliding_window_never_passes_quota_inside_one_window() {
+        let alg = Algorithm::SlidingWindow {
+            quota: 7,
+            window: SEC,
+        };
+        let mut s = alg.fresh(T0);
+        let mut per_window = std::collections::HashMap::<u64, u64>::new();
+        let mut t = T0;
+        for i in 0..5_000u64 {
+            t += (i * 7919) % 50_000;
+            if hit(&alg, &mut s, t, 1 + i % 3).allowed {
+                *per_window.entry(t / SEC).or_default() += 1 + i % 3;
+            }
+        }
+        assert!(per_window.values().all(|&n| n <= 7), "{per_window:?}");
+    }
+
+    #[test]
+    fn token_bucket_refills_at_its_rate() {
+        // 2 per second, burst 4: token = 1 unit... reduced: N'=1, P'=500_000.
+        let alg = Algorithm::TokenBucket {
+            burst: 4,
+            refill: 1,
+            unit: 500_000,
+        };
+        let mut s = alg.fresh(T0);
+        for _ in 0..4 {
+            assert!(hit(&alg, &mut s, T0, 1).allowed);
+        }
+        let denied = hit(&alg, &mut s, T0, 1);
+        assert!(!denied.allowed);
+        assert_eq!(denied.retry_after, 500_000);
+        assert_eq!(denied.reset, 2 * SEC);
+        assert!(!hit(&alg, &mut s, T0 + 499_999, 1).allowed);
+        let ok = hit(&alg, &mut s, T0 + 500_000, 1);
+        assert!(ok.allowed);
+        assert_eq!(ok.remaining, 0);
+        // After a long idle the bucket is full again, not overfull.
+        let later = hit(&alg, &mut s, T0 + 3_600 * SEC, 1);
+        assert_eq!(later.remaining, 3);
+    }
+
+    #[test]
+    fn gcra_spaces_requests_by_its_interval() {
+        let alg = Algorithm::Gcra {
+            burst: 2,
+            interval: SEC,
+        };
+        let mut s = alg.fresh(T0);
+        assert_eq!(hit(&alg, &mut s, T0, 1).remaining, 1);
+        assert_eq!(hit(&alg, &mut s, T0, 1).remaining, 0);
+        let denied = hit(&alg, &mut s, T0, 1);
+        assert_eq!(denied.retry_after, SEC);
+        assert_eq!(denied.reset, 2 * SEC);
+        assert!(hit(&alg, &mut s, T0 + SEC, 1).allowed);
+        assert!(!hit(&alg, &mut s, T0 + SEC, 1).allowed);
+    }
+
+    #[test]
+    fn a_denied_request_changes_nothing_observable() {
+        let algs = [
+            Algorithm::FixedWindow {
+                quota: 3,
+                window: SEC,
+            },
+            Algorithm::SlidingWindow {
+                quota: 3,
+                window: SEC,
+            },
+            Algorithm::SlidingLog {
+                quota: 3,
+                window: SEC,
+            },
+            Algorithm::TokenBucket {
+                burst: 3,
+                refill: 3,
+                unit: 1_000_000,
+            },
+            Algorithm::Gcra {
+                burst: 3,
+                interval: 333_333,
+            },
+        ];
+        for alg in algs {
+            let mut s = alg.fresh(T0);
+            for _ in 0..3 {
+                hit(&alg, &mut s, T0, 1);
+            }
+            let before = alg.check(&mut s.clone(), T0 + 10, 1);
+            for _ in 0..5 {
+                assert!(!hit(&alg, &mut s, T0 + 10, 1).allowed, "{alg:?}");
+            }
+            assert_eq!(alg.check(&mut s, T0 + 10, 1), before, "{alg:?}");
+        }
+    }
+
+    #[test]
+    fn ttl_covers_the_state() {
+        let alg = Algorithm::TokenBucket {
+            burst: 10,
+            refill: 1,
+            unit: 100_000,
+        };
+        let mut s = alg.fresh(T0);
+        hit(&alg, &mut s, T0, 3);
+        assert_eq!(alg.ttl(&s, T0), 300_000);
+        let alg = Algorithm::Gcra {
+            burst: 5,
+            interval: 1_000,
+        };
+        let mut s = alg.fresh(T0);
+        hit(&alg, &mut s, T0, 2);
+        assert_eq!(alg.ttl(&s, T0), 2_000);
+    }
+
+    #[test]
+    fn clock_stepping_back_does_not_reopen_a_window() {
+        let alg = Algorithm::FixedWindow {
+            quota: 1,
+            window: SEC,
+        };
+        let mut s = alg.fresh(T0 + SEC);
+        assert!(hit(&alg, &mut s, T0 + SEC, 1).allowed);
+        assert!(!hit(&alg, &mut s, T0, 1).allowed);
+    }
+}

@@ -1,0 +1,181 @@
+//! The limiter decision: all the limits of a route, decided together in one store call.
+//!
+//! Owns the [`Decision`] (a denial is data, not an error), the two stores behind one enum, the
+//! timeout around every call and the mapping of a route's limits to store items. What happens
+//! on a store error (`on_store_error`) is the pipeline's call: this module reports it.
+
+pub mod algorithm;
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::identity::{self, Subject, Tag};
+use crate::policy::{Mode, Route, StoreSettings};
+use algorithm::{Algorithm, Micros, Outcome};
+
+/// One limit of one request, as a store sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Item {
+    pub algorithm: Algorithm,
+    pub cost: u64,
+    /// A shadow limit is decided and counted but never rejects.
+    pub shadow: bool,
+    /// The limit's stable id (`policy::Limit::id`).
+    pub id: u64,
+    /// Who is counted.
+    pub tag: Tag,
+}
+
+/// A store's answer for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Every enforced limit allowed: the request goes through and was counted.
+    pub admitted: bool,
+    /// One per item, in order.
+    pub outcomes: Vec<Outcome>,
+}
+
+impl Decision {
+    /// Combines per-limit outcomes: admitted when every enforced limit allows.
+    pub fn from_outcomes(items: &[Item], outcomes: Vec<Outcome>) -> Decision {
+        let admitted = items
+            .iter()
+            .zip(&outcomes)
+            .all(|(item, o)| item.shadow || o.allowed);
+        Decision { admitted, outcomes }
+    }
+
+    /// Whether a shadow limit would have rejected this request.
+    pub fn shadow_rejected(&self, items: &[Item]) -> bool {
+        items
+            .iter()
+            .zip(&self.outcomes)
+            .any(|(item, o)| item.shadow && !o.allowed)
+    }
+}
+
+/// Why a store could not decide.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("redis connection pool: {0}")]
+    Pool(String),
+    #[error("redis replied with an unexpected shape: {0}")]
+    Reply(String),
+    #[error("memory store is full ({0} keys); raise [store] max_keys")]
+    Full(usize),
+}
+
+/// The two backends. An enum, not a trait object: there are two and both are known.
+pub enum Store {
+    Memory(memory::MemoryStore),
+    Redis(redis::RedisStore),
+}
+
+impl Store {
+    /// Builds the store for `settings`. Never contacts Redis: connections are made on first use,
+    /// so tollgate starts while Redis is down.
+    pub fn new(settings: &StoreSettings) -> Result<Store, StoreError> {
+        Ok(match settings {
+            StoreSettings::Memory { max_keys, .. } => {
+                Store::Memory(memory::MemoryStore::new(*max_keys))
+            }
+            StoreSettings::Redis {
+                url,
+                pool_size,
+                timeout,
+                prefix,
+            } => Store::Redis(redis::RedisStore::new(url, *pool_size, *timeout, prefix)?),
+        })
+    }
+
+    /// Decides `items` all-or-nothing. `now` is None in production (the store's clock); tests
+    /// pass a time through the same call.
+    pub async fn decide(
+        &self,
+        items: &[Item],
+        now: Option<Micros>,
+    ) -> Result<Decision, StoreError> {
+        match self {
+            Store::Memory(m) => m.decide(items, now),
+            Store::Redis(r) => r.decide(items, now).await,
+        }
+    }
+
+    /// Whether the store answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Redis(r) => r.ping().await,
+        }
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Store::Memory(_) => "memory",
+            Store::Redis(_) => "redis",
+        }
+    }
+}
+
+/// The store and the budget of one decision.
+pub struct Limiter {
+    pub store: Arc<Store>,
+    pub timeout: Duration,
+}
+
+impl Limiter {
+    /// Decides, bounded by the store timeout.
+    pub async fn decide(&self, items: &[Item]) -> Result<Decision, StoreError> {
+        match tokio::time::timeout(self.timeout, self.store.decide(items, None)).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Whether the store answers within its timeout.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match tokio::time::timeout(self.timeout, self.store.ping()).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+}
+
+/// The store items of a route's limits for one request: each distinct key specification is
+/// hashed once.
+pub fn items_for(route: &Route, subject: &Subject<'_>) -> Vec<Item> {
+    let mut tags: [Option<Tag>; 8] = [None; 8];
+    route
+        .limits
+        .iter()
+        .map(|limit| {
+            let spec = &route.keys[limit.key];
+            let tag = if limit.key < tags.len() {
+                *tags[limit.key].get_or_insert_with(|| identity::tag(spec, subject))
+            } else {
+                identity::tag(spec, subject)
+            };
+            Item {
+                algorithm: limit.algorithm,
+                cost: limit.cost,
+                shadow: limit.mode == Mode::Shadow,
+                id: limit.id,
+                tag,
+            }
+        })
+        .collect()
+}
+
+/// The wall clock in µs since the Unix epoch.
+pub fn wall_clock() -> Micros {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as Micros)
+        .unwrap_or(0)
+}

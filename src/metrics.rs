@@ -1,0 +1,256 @@
+//! Prometheus metrics. One registry per tollgate instance (no globals, so several instances in
+//! one test process keep their own counts). Series a request touches are resolved once per
+//! policy load into plain atomic handles; the hot path never looks a label up. Labels are route
+//! names, decisions, classes and results only: never a client IP or key.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels1 = [(&'static str, String); 1];
+type Labels2 = [(&'static str, String); 2];
+
+/// What happened to a request at the limiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed,
+    Rejected,
+    ShadowRejected,
+    StoreError,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Rejected => "rejected",
+            Outcome::ShadowRejected => "shadow_rejected",
+            Outcome::StoreError => "store_error",
+        }
+    }
+}
+
+/// The series of one route, resolved at load.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    decisions: [Counter; 4],
+    classes: [Counter; 5],
+    pub upstream_duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn decision(&self, outcome: Outcome) {
+        let i = match outcome {
+            Outcome::Allowed => 0,
+            Outcome::Rejected => 1,
+            Outcome::ShadowRejected => 2,
+            Outcome::StoreError => 3,
+        };
+        self.decisions[i].inc();
+    }
+
+    pub fn response(&self, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.classes[class].inc();
+    }
+}
+
+/// All of an instance's metrics.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<Labels2, Counter>,
+    responses: Family<Labels2, Counter>,
+    upstream_duration: Family<Labels1, Histogram, fn() -> Histogram>,
+    store_duration: Family<Labels1, Histogram, fn() -> Histogram>,
+    pub in_flight: Gauge,
+    pub open_connections: Gauge,
+    reloads: Family<Labels1, Counter>,
+    config_info: Family<Labels1, Gauge>,
+    store_errors: Family<Labels1, Counter>,
+    /// Requests tollgate answered before routing (404, 400).
+    pub unrouted: Family<Labels1, Counter>,
+}
+
+fn store_histogram() -> Histogram {
+    // 25 µs .. ~1.6 s
+    Histogram::new(exponential_buckets(0.000_025, 2.0, 17))
+}
+
+fn upstream_histogram() -> Histogram {
+    // 0.5 ms .. ~65 s
+    Histogram::new(exponential_buckets(0.000_5, 2.0, 18))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<Labels2, Counter>::default();
+        let responses = Family::<Labels2, Counter>::default();
+        let upstream_duration =
+            Family::<Labels1, Histogram, fn() -> Histogram>::new_with_constructor(
+                upstream_histogram as fn() -> Histogram,
+            );
+        let store_duration = Family::<Labels1, Histogram, fn() -> Histogram>::new_with_constructor(
+            store_histogram as fn() -> Histogram,
+        );
+        let in_flight = Gauge::default();
+        let open_connections = Gauge::default();
+        let reloads = Family::<Labels1, Counter>::default();
+        let config_info = Family::<Labels1, Gauge>::default();
+        let store_errors = Family::<Labels1, Counter>::default();
+        let unrouted = Family::<Labels1, Counter>::default();
+        registry.register(
+            "tollgate_requests",
+            "Requests by route and limiter decision",
+            requests.clone(),
+        );
+        registry.register(
+            "tollgate_responses",
+            "Responses by route and status class",
+            responses.clone(),
+        );
+        registry.register(
+            "tollgate_upstream_duration_seconds",
+            "Time to the upstream's response head, by route",
+            upstream_duration.clone(),
+        );
+        registry.register(
+            "tollgate_store_duration_seconds",
+            "Duration of one limiter decision in the store, by backend",
+            store_duration.clone(),
+        );
+        registry.register(
+            "tollgate_in_flight_requests",
+            "Requests being handled",
+            in_flight.clone(),
+        );
+        registry.register(
+            "tollgate_open_connections",
+            "Client connections open",
+            open_connections.clone(),
+        );
+        registry.register(
+            "tollgate_config_reloads",
+            "Config reloads by result",
+            reloads.clone(),
+        );
+        registry.register(
+            "tollgate_config_info",
+            "The loaded config: 1 for the hash of the file in force",
+            config_info.clone(),
+        );
+        registry.register(
+            "tollgate_store_errors",
+            "Failed store decisions by kind",
+            store_errors.clone(),
+        );
+        registry.register(
+            "tollgate_unrouted_responses",
+            "Requests answered before routing, by status",
+            unrouted.clone(),
+        );
+        // Both results exist from the start, so a dashboard sees 0 rather than no series.
+        for result in ["ok", "failed"] {
+            let _ = reloads.get_or_create(&[("result", result.to_string())]);
+        }
+        Metrics {
+            registry: Mutex::new(registry),
+            requests,
+            responses,
+            upstream_duration,
+            store_duration,
+            in_flight,
+            open_connections,
+            reloads,
+            config_info,
+            store_errors,
+            unrouted,
+        }
+    }
+
+    /// Resolves the series of a route (created at zero so dashboards see every route).
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let decision = |d: Outcome| {
+            self.requests.get_or_create_owned(&[
+                ("route", route.to_string()),
+                ("decision", d.as_str().to_string()),
+            ])
+        };
+        let class = |c: &str| {
+            self.responses
+                .get_or_create_owned(&[("route", route.to_string()), ("class", c.to_string())])
+        };
+        RouteMetrics {
+            decisions: [
+                decision(Outcome::Allowed),
+                decision(Outcome::Rejected),
+                decision(Outcome::ShadowRejected),
+                decision(Outcome::StoreError),
+            ],
+            classes: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            upstream_duration: self
+                .upstream_duration
+                .get_or_create_owned(&[("route", route.to_string())]),
+        }
+    }
+
+    /// The store latency histogram of a backend.
+    pub fn store_histogram(&self, backend: &str) -> Histogram {
+        self.store_duration
+            .get_or_create_owned(&[("backend", backend.to_string())])
+    }
+
+    pub fn store_error(&self, kind: &'static str) {
+        self.store_errors
+            .get_or_create(&[("kind", kind.to_string())])
+            .inc();
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads
+            .get_or_create(&[("result", result.to_string())])
+            .inc();
+    }
+
+    /// Marks `hash` as the config in force.
+    pub fn config_loaded(&self, hash: &str) {
+        self.config_info.clear();
+        self.config_info
+            .get_or_create(&[("hash", hash.to_string())])
+            .set(1);
+    }
+
+    /// The OpenMetrics / Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Seconds as the histograms want them.
+pub fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}

@@ -1,0 +1,240 @@
+//! The life of one request, in order: sanity checks → route → identity → limiter decision →
+//! reject (429 / 503) or forward → rate-limit headers → metrics and access log, recorded once.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use http::request::Parts;
+use http::{HeaderMap, Request, Response, Version, header};
+use http_body_util::Either;
+use hyper::body::Incoming;
+
+use crate::app::{App, Runtime};
+use crate::identity::{self, Subject};
+use crate::limiter::{self, Decision, Item};
+use crate::logging::{self, Access};
+use crate::metrics::Outcome;
+use crate::policy::{OnStoreError, Route};
+use crate::proxy::{self, ConnInfo, ProxyError, RequestBody};
+use crate::response::{self, Body};
+use crate::route::{self, RequestView};
+
+/// What the limiter said about one request.
+enum Verdict {
+    /// The route has no limits.
+    Unlimited,
+    /// Every enforced limit allowed (and counted) the request.
+    Admitted(Vec<Item>, Decision),
+    /// A limit rejected it; nothing was counted.
+    Rejected(Vec<Item>, Decision),
+    /// The store failed or was too slow; the route's `on_store_error` applies.
+    StoreFailed(OnStoreError),
+}
+
+/// Decrements the in-flight gauge however the request ends (also when the client goes away).
+struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Requests hyper passes but tollgate will not forward: HTTP/1.1 without exactly one Host.
+fn malformed(version: Version, headers: &HeaderMap) -> Option<&'static str> {
+    let hosts = headers.get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return Some("more than one Host header");
+    }
+    if version == Version::HTTP_11 && hosts == 0 {
+        return Some("HTTP/1.1 request without Host");
+    }
+    None
+}
+
+/// Content-Length when present and well formed.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Handles one request end to end. Never fails: every failure is a response by now.
+pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> Response<Body> {
+    app.metrics.in_flight.inc();
+    let _in_flight = InFlight(&app.metrics.in_flight);
+    let rt = app.runtime();
+    let started = Instant::now();
+    let mut access = Access::begin(&request, conn, rt.policy.server.access_log);
+
+    if let Some(problem) = malformed(request.version(), request.headers()) {
+        app.metrics
+            .unrouted
+            .get_or_create(&[("status", "400".into())])
+            .inc();
+        access.finish(400, None, None);
+        return response::bad_request(problem);
+    }
+    let (parts, body) = request.into_parts();
+    let found = rt.policy.route_for(&RequestView::new(&parts));
+    let Some((index, route)) = found else {
+        app.metrics
+            .unrouted
+            .get_or_create(&[("status", "404".into())])
+            .inc();
+        access.finish(404, None, None);
+        return response::no_route();
+    };
+    let route_metrics = &rt.route_metrics[index];
+    access.route = Some(route.name.clone());
+    let max_body = rt.policy.server.max_body;
+
+    // A body that says up front it is too large is refused before it costs any budget.
+    if let (Some(max), Some(len)) = (max_body, content_length(&parts.headers))
+        && len > max
+    {
+        route_metrics.response(413);
+        access.finish(413, None, None);
+        return response::payload_too_large(max);
+    }
+
+    let client = identity::client_ip(
+        conn.peer.ip(),
+        &parts.headers,
+        &rt.policy.server.trusted_proxies,
+    );
+    access.client = Some(client);
+    let verdict = decide(&rt, route, &parts, client).await;
+    let (outcome, early) = match &verdict {
+        Verdict::Unlimited => (None, None),
+        Verdict::Admitted(items, d) if d.shadow_rejected(items) => {
+            logging::shadow_rejected(&route.name, client);
+            (Some(Outcome::ShadowRejected), None)
+        }
+        Verdict::Admitted(..) => (Some(Outcome::Allowed), None),
+        Verdict::Rejected(items, d) => {
+            let retry = response::retry_after_secs(items, d);
+            logging::rejected(&route.name, client, retry);
+            (
+                Some(Outcome::Rejected),
+                Some(response::rate_limited(&route.name, retry)),
+            )
+        }
+        Verdict::StoreFailed(OnStoreError::Allow) => (Some(Outcome::StoreError), None),
+        Verdict::StoreFailed(OnStoreError::Deny) => (
+            Some(Outcome::StoreError),
+            Some(response::store_unavailable(&route.name)),
+        ),
+    };
+
+    let mut response = match early {
+        Some(r) => r,
+        None => {
+            let upstream_started = Instant::now();
+            let forwarded = forward(app, &rt, route, conn, parts, body).await;
+            let elapsed = upstream_started.elapsed();
+            route_metrics
+                .upstream_duration
+                .observe(elapsed.as_secs_f64());
+            access.upstream = Some(elapsed);
+            match forwarded {
+                Ok(r) => r.map(Either::Left),
+                Err(e) => {
+                    logging::upstream_error(&route.name, &e);
+                    proxy_error(&e)
+                }
+            }
+        }
+    };
+
+    if let Verdict::Admitted(items, d) | Verdict::Rejected(items, d) = &verdict {
+        response::add_rate_limit_headers(
+            response.headers_mut(),
+            rt.policy.server.rate_limit_headers,
+            route,
+            items,
+            d,
+        );
+    }
+    if let Some(outcome) = outcome {
+        route_metrics.decision(outcome);
+    }
+    let status = response.status().as_u16();
+    route_metrics.response(status);
+    access.finish(status, outcome, Some(started.elapsed()));
+    response
+}
+
+/// Asks the store, within its timeout.
+async fn decide(rt: &Runtime, route: &Route, parts: &Parts, client: IpAddr) -> Verdict {
+    if !route.is_limited() {
+        return Verdict::Unlimited;
+    }
+    let subject = Subject {
+        parts,
+        ip: identity::counted_ip(client, rt.policy.server.ipv6_prefix),
+    };
+    let items = limiter::items_for(route, &subject);
+    let started = Instant::now();
+    let result = rt.limiter.decide(&items).await;
+    rt.store_duration.observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(d) if d.admitted => Verdict::Admitted(items, d),
+        Ok(d) => Verdict::Rejected(items, d),
+        Err(e) => {
+            logging::store_error(&route.name, &e);
+            Verdict::StoreFailed(route.on_store_error)
+        }
+    }
+}
+
+/// Prepares the request's headers for the upstream and sends it.
+async fn forward(
+    app: &App,
+    rt: &Runtime,
+    route: &Route,
+    conn: &ConnInfo,
+    mut parts: Parts,
+    body: Incoming,
+) -> Result<Response<Incoming>, ProxyError> {
+    let server = &rt.policy.server;
+    let host = route::request_host(&parts.uri, &parts.headers).and_then(|h| h.parse().ok());
+    let upgrade = proxy::wants_upgrade(&parts.headers);
+    let peer_trusted = identity::is_trusted(conn.peer.ip(), &server.trusted_proxies);
+    proxy::strip_hop_by_hop(&mut parts.headers, upgrade);
+    proxy::set_forwarding_headers(
+        &mut parts.headers,
+        conn,
+        peer_trusted,
+        host.as_ref(),
+        parts.version,
+    );
+    if let Some(host) = host
+        && !parts.headers.contains_key(header::HOST)
+    {
+        // HTTP/2 carries the host as :authority; HTTP/1.1 upstreams need it as Host.
+        parts.headers.insert(header::HOST, host);
+    }
+    let (body, exceeded) = RequestBody::new(body, server.max_body);
+    app.forwarder
+        .forward(
+            &route.upstream,
+            Request::from_parts(parts, body),
+            &exceeded,
+            server.max_body,
+        )
+        .await
+}
+
+/// Every forwarding failure, mapped to its response in one place.
+fn proxy_error(e: &ProxyError) -> Response<Body> {
+    match e {
+        ProxyError::Connect(_) | ProxyError::Upstream(..) => response::bad_gateway(&e.to_string()),
+        ProxyError::Timeout(..) => response::gateway_timeout(&e.to_string()),
+        ProxyError::BodyTooLarge(max) => response::payload_too_large(*max),
+    }
+}

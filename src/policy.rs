@@ -1,0 +1,256 @@
+//! The validated policy: what proxy.toml means, as typed values built once per (re)load.
+//!
+//! Nothing here is parsed on the hot path: header names, matchers, key specifications, the
+//! arguments each limit sends to the store and the `RateLimit-Policy` header value are all
+//! prepared by `config::validate`. A reload builds a whole new `Policy` and swaps it in.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Method};
+use ipnet::IpNet;
+
+use crate::limiter::algorithm::Algorithm;
+
+/// Everything one proxy.toml says.
+#[derive(Debug)]
+pub struct Policy {
+    pub server: Server,
+    pub store: StoreSettings,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub routes: Vec<Route>,
+    /// blake3 of the file's bytes, hex: shown by `check` and as a metric label.
+    pub source_hash: String,
+}
+
+/// The `[server]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub rate_limit_headers: HeaderStyle,
+    pub ipv6_prefix: u8,
+    pub max_body: Option<u64>,
+    pub shutdown_grace: Duration,
+    pub workers: Option<usize>,
+    pub header_read_timeout: Duration,
+    pub tls: Option<Tls>,
+    /// One log line per request (target `tollgate::access`).
+    pub access_log: bool,
+}
+
+/// `[server.tls]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Which rate-limit headers responses carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderStyle {
+    Ietf,
+    Legacy,
+    Both,
+    None,
+}
+
+impl HeaderStyle {
+    pub fn ietf(self) -> bool {
+        matches!(self, HeaderStyle::Ietf | HeaderStyle::Both)
+    }
+    pub fn legacy(self) -> bool {
+        matches!(self, HeaderStyle::Legacy | HeaderStyle::Both)
+    }
+}
+
+/// The `[store]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSettings {
+    Memory {
+        max_keys: usize,
+        timeout: Duration,
+    },
+    Redis {
+        url: String,
+        pool_size: u32,
+        timeout: Duration,
+        prefix: String,
+    },
+}
+
+impl StoreSettings {
+    /// The budget for one decision.
+    pub fn timeout(&self) -> Duration {
+        match self {
+            StoreSettings::Memory { timeout, .. } | StoreSettings::Redis { timeout, .. } => {
+                *timeout
+            }
+        }
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            StoreSettings::Memory { .. } => "memory",
+            StoreSettings::Redis { .. } => "redis",
+        }
+    }
+}
+
+/// One `[upstreams.NAME]`: targets tried round robin.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    pub targets: Vec<Target>,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    next: AtomicUsize,
+}
+
+/// One upstream address, split once so that forwarding only assembles a URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub scheme: Scheme,
+    pub authority: Authority,
+}
+
+impl Upstream {
+    pub fn new(
+        name: String,
+        targets: Vec<Target>,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Self {
+        Upstream {
+            name,
+            targets,
+            connect_timeout,
+            timeout,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next target, round robin.
+    pub fn pick(&self) -> &Target {
+        if self.targets.len() == 1 {
+            return &self.targets[0];
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.targets[i % self.targets.len()]
+    }
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    pub matcher: Matcher,
+    pub upstream: Arc<Upstream>,
+    pub limits: Vec<Limit>,
+    /// The distinct key specifications of the limits; each limit points at one by index, so a
+    /// request derives each identity once however many limits share it.
+    pub keys: Vec<KeySpec>,
+    pub on_store_error: OnStoreError,
+    /// `RateLimit-Policy` for this route (enforced limits only), prepared at load.
+    pub policy_header: Option<HeaderValue>,
+}
+
+impl Route {
+    /// Whether any limit of this route is enforced or measured.
+    pub fn is_limited(&self) -> bool {
+        !self.limits.is_empty()
+    }
+}
+
+/// What a route does when the store fails or is slower than its timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    Allow,
+    Deny,
+}
+
+/// A compiled `match` table; every present condition must hold.
+#[derive(Debug, Default)]
+pub struct Matcher {
+    /// Lower-case host name without port.
+    pub host: Option<String>,
+    pub path: Option<String>,
+    pub path_prefix: Option<String>,
+    pub methods: Vec<Method>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// Where one part of a limit's key comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KeySource {
+    Ip,
+    Header(HeaderName),
+    Query(String),
+    Global,
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::Ip => f.write_str("ip"),
+            KeySource::Header(name) => write!(f, "header:{name}"),
+            KeySource::Query(name) => write!(f, "query:{name}"),
+            KeySource::Global => f.write_str("global"),
+        }
+    }
+}
+
+/// A limit's `by`: one source, or several for a composite key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeySpec(pub Vec<KeySource>);
+
+impl std::fmt::Display for KeySpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.len() == 1 {
+            return write!(f, "{}", self.0[0]);
+        }
+        f.write_str("[")?;
+        for (i, source) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{source}")?;
+        }
+        f.write_str("]")
+    }
+}
+
+/// Enforce, or only measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Shadow,
+}
+
+/// One entry of a route's `limits`.
+#[derive(Debug, Clone)]
+pub struct Limit {
+    /// The policy name in headers: the route's name, or `route/N` when the route has several.
+    pub name: String,
+    /// The algorithm name as written in proxy.toml.
+    pub algorithm_name: &'static str,
+    pub algorithm: Algorithm,
+    /// `rate` as written, for summaries.
+    pub rate_text: String,
+    /// Index into `Route::keys`.
+    pub key: usize,
+    pub cost: u64,
+    pub mode: Mode,
+    /// Stable identity of this limit's counters (see `config::validate::limit_id`): kept across
+    /// reloads while route name, algorithm, key and window stay the same.
+    pub id: u64,
+    /// `q` and `w` of RateLimit-Policy.
+    pub quota: u64,
+    pub window_secs: u64,
+}

@@ -1,0 +1,426 @@
+//! Forwarding to the upstream: hop-by-hop headers stripped both ways (including those named in
+//! `Connection`), `X-Forwarded-*` and `Via` set, `Host` passed through, bodies streamed (with
+//! `max_body` enforced as they stream), upgrades (WebSocket) spliced, and upstream failures
+//! turned into [`ProxyError`]s that `response` maps to 502/504/413.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::policy::{Target, Upstream};
+
+/// Why a request could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("upstream {0} refused the connection or could not be reached")]
+    Connect(String),
+    #[error("upstream {0} did not send a response head within {1:?}")]
+    Timeout(String, Duration),
+    #[error("upstream {0} failed: {1}")]
+    Upstream(String, String),
+    #[error("request body larger than {0} bytes")]
+    BodyTooLarge(u64),
+}
+
+/// Facts about the client connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// `http` or `https`.
+    pub scheme: Scheme,
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Headers a `Connection` nomination may not remove: message framing and routing must stay
+/// what tollgate decided on. (Headers used for limit keys were read before forwarding, so
+/// removing them only affects what the upstream sees, which is the client's right.)
+fn protected(name: &HeaderName) -> bool {
+    matches!(
+        *name,
+        header::HOST | header::CONTENT_LENGTH | header::TRANSFER_ENCODING
+    )
+}
+
+/// Whether the request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes hop-by-hop headers: the fixed list and whatever `Connection` names.
+/// `keep_upgrade` keeps `Upgrade` (and sets `Connection: upgrade`) for a protocol switch.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let nominated: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !protected(n))
+        .collect();
+    for name in nominated {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(&name);
+    }
+    for name in [
+        header::CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+    ] {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn via_value(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_10 => "1.0 tollgate",
+        Version::HTTP_2 => "2 tollgate",
+        Version::HTTP_3 => "3 tollgate",
+        _ => "1.1 tollgate",
+    }
+}
+
+fn append_via(headers: &mut HeaderMap, version: Version) {
+    let ours = via_value(version);
+    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.is_empty() => {
+            HeaderValue::from_str(&format!("{existing}, {ours}"))
+                .unwrap_or(HeaderValue::from_static(ours))
+        }
+        _ => HeaderValue::from_static(ours),
+    };
+    headers.insert(header::VIA, value);
+}
+
+/// Sets the forwarding headers on a request about to leave.
+pub fn set_forwarding_headers(
+    headers: &mut HeaderMap,
+    conn: &ConnInfo,
+    peer_trusted: bool,
+    host: Option<&HeaderValue>,
+    version: Version,
+) {
+    let peer = conn.peer.ip().to_canonical();
+    let xff = {
+        let mut list: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let peer_text = peer.to_string();
+        list.push(&peer_text);
+        HeaderValue::from_str(&list.join(", ")).ok()
+    };
+    if let Some(xff) = xff {
+        headers.insert(X_FORWARDED_FOR, xff);
+    }
+    if !(peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        let proto = if conn.scheme == Scheme::HTTPS {
+            "https"
+        } else {
+            "http"
+        };
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST, host.clone());
+    }
+    append_via(headers, version);
+}
+
+/// The request body as forwarded: the client's body, failing once it passes `max_body`.
+pub struct RequestBody {
+    inner: Incoming,
+    remaining: Option<u64>,
+    max: u64,
+    exceeded: Arc<AtomicBool>,
+}
+
+/// A request body passed `max_body` while streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {0} bytes")]
+pub struct TooLarge(pub u64);
+
+impl RequestBody {
+    pub fn new(inner: Incoming, max_body: Option<u64>) -> (RequestBody, Arc<AtomicBool>) {
+        let exceeded = Arc::new(AtomicBool::new(false));
+        (
+            RequestBody {
+                inner,
+                remaining: max_body,
+                max: max_body.unwrap_or(u64::MAX),
+                exceeded: exceeded.clone(),
+            },
+            exceeded,
+        )
+    }
+}
+
+impl HttpBody for RequestBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(remaining), Some(data)) = (this.remaining.as_mut(), frame.data_ref()) {
+                    let n = data.len() as u64;
+                    if n > *remaining {
+                        this.exceeded.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(Box::new(TooLarge(this.max)))));
+                    }
+                    *remaining -= n;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+type UpstreamClient = Client<HttpConnector, RequestBody>;
+
+/// Pooled keep-alive clients, one per connect timeout (the connector owns that setting), kept
+/// across reloads so a reload does not drop upstream connections.
+#[derive(Default)]
+pub struct Forwarder {
+    clients: Mutex<HashMap<Duration, UpstreamClient>>,
+}
+
+impl Forwarder {
+    fn client(&self, connect_timeout: Duration) -> UpstreamClient {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients
+            .entry(connect_timeout)
+            .or_insert_with(|| {
+                let mut connector = HttpConnector::new();
+                connector.set_connect_timeout(Some(connect_timeout));
+                connector.set_nodelay(true);
+                connector.set_keepalive(Some(Duration::from_secs(60)));
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .pool_max_idle_per_host(usize::MAX)
+                    .pool_timer(hyper_util::rt::TokioTimer::new())
+                    .build(connector)
+            })
+            .clone()
+    }
+
+    /// Sends `request` (whose headers the caller has prepared) to the next target of
+    /// `upstream` and waits for the response head, bounded by the upstream's timeout. The
+    /// response's hop-by-hop headers are stripped and `Via` added; a `101` is spliced to the
+    /// client connection.
+    pub async fn forward(
+        &self,
+        upstream: &Upstream,
+        mut request: Request<RequestBody>,
+        exceeded: &AtomicBool,
+        max_body: Option<u64>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let target: &Target = upstream.pick();
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *request.uri_mut() = Uri::builder()
+            .scheme(target.scheme.clone())
+            .authority(target.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| ProxyError::Upstream(upstream.name.clone(), e.to_string()))?;
+        let client_version = request.version();
+        *request.version_mut() = Version::HTTP_11;
+        let upgrade = wants_upgrade(request.headers());
+        let client_upgrade = if upgrade {
+            Some(hyper::upgrade::on(&mut request))
+        } else {
+            None
+        };
+        let client = self.client(upstream.connect_timeout);
+        let sent = tokio::time::timeout(upstream.timeout, client.request(request)).await;
+        let mut response = match sent {
+            Err(_) => {
+                return Err(ProxyError::Timeout(
+                    target.authority.to_string(),
+                    upstream.timeout,
+                ));
+            }
+            Ok(Err(e)) => {
+                if exceeded.load(Ordering::Relaxed) {
+                    return Err(ProxyError::BodyTooLarge(max_body.unwrap_or(0)));
+                }
+                if e.is_connect() {
+                    return Err(ProxyError::Connect(target.authority.to_string()));
+                }
+                return Err(ProxyError::Upstream(
+                    target.authority.to_string(),
+                    error_chain(&e),
+                ));
+            }
+            Ok(Ok(r)) => r,
+        };
+        if exceeded.load(Ordering::Relaxed) {
+            return Err(ProxyError::BodyTooLarge(max_body.unwrap_or(0)));
+        }
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut response);
+                tokio::spawn(splice(client_upgrade, upstream_upgrade));
+            }
+        }
+        strip_hop_by_hop(response.headers_mut(), switching);
+        append_via(response.headers_mut(), client_version);
+        Ok(response)
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and upstream until either side closes.
+async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else {
+        return;
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "upgraded connection ended");
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_including_nominated_ones() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret, host, content-length"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "websocket"),
+            ("host", "example.com"),
+            ("content-length", "5"),
+            ("x-keep", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        left.sort();
+        assert_eq!(left, ["content-length", "host", "x-keep"], "{left:?}");
+    }
+
+    #[test]
+    fn upgrade_survives_for_a_protocol_switch() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn forwarding_headers() {
+        let conn = ConnInfo {
+            peer: "192.0.2.1:5555".parse().unwrap(),
+            scheme: Scheme::HTTP,
+        };
+        let mut h = map(&[
+            ("x-forwarded-for", "198.51.100.1"),
+            ("x-forwarded-proto", "https"),
+            ("via", "1.0 edge"),
+        ]);
+        let host = HeaderValue::from_static("api.example.com");
+        set_forwarding_headers(&mut h, &conn, false, Some(&host), Version::HTTP_11);
+        assert_eq!(h["x-forwarded-for"], "198.51.100.1, 192.0.2.1");
+        assert_eq!(
+            h["x-forwarded-proto"], "http",
+            "an untrusted client's value is overwritten"
+        );
+        assert_eq!(h["x-forwarded-host"], "api.example.com");
+        assert_eq!(h["via"], "1.0 edge, 1.1 tollgate");
+        let mut h = map(&[("x-forwarded-proto", "https")]);
+        set_forwarding_headers(&mut h, &conn, true, None, Version::HTTP_11);
+        assert_eq!(
+            h["x-forwarded-proto"], "https",
+            "a trusted proxy's value is kept"
+        );
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1");
+        assert_eq!(h["via"], "1.1 tollgate");
+    }
+}

@@ -1,0 +1,100 @@
+//! Reload triggers: `SIGHUP`, and any change of the config file's content. The file is polled
+//! (every 500 ms, reading through symlinks), which sees every way files really change (in-place
+//! writes, write-then-rename, a swapped symlink target, delete then recreate) without depending
+//! on inotify semantics. A change is loaded only once two reads 200 ms apart agree, so a
+//! half-written file is never loaded.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::app::App;
+
+const POLL: Duration = Duration::from_millis(500);
+const SETTLE: Duration = Duration::from_millis(200);
+
+fn read(path: &PathBuf) -> Option<Vec<u8>> {
+    std::fs::read(path).ok()
+}
+
+/// Watches until `shutdown` resolves.
+pub async fn watch(app: Arc<App>, shutdown: impl std::future::Future<Output = ()>) {
+    let Some(path) = app.config_path.clone() else {
+        return;
+    };
+    tokio::pin!(shutdown);
+    let mut hangups = hangup_stream();
+    let mut seen = read(&path);
+    let mut missing_logged = false;
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let signalled = tokio::select! {
+            () = &mut shutdown => return,
+            _ = tick.tick() => false,
+            Some(()) = next_hangup(&mut hangups) => true,
+        };
+        if signalled {
+            tracing::info!("SIGHUP: reloading");
+            seen = read(&path);
+            let _ = app.reload(None);
+            continue;
+        }
+        let current = read(&path);
+        if current == seen {
+            continue;
+        }
+        let Some(first) = current else {
+            if !missing_logged {
+                tracing::warn!(path = %path.display(), "config file is gone; the loaded config keeps serving");
+                missing_logged = true;
+            }
+            seen = None;
+            continue;
+        };
+        missing_logged = false;
+        // Let a writer finish: load only content that holds still.
+        tokio::time::sleep(SETTLE).await;
+        if read(&path).as_ref() != Some(&first) {
+            continue;
+        }
+        seen = Some(first.clone());
+        match std::str::from_utf8(&first) {
+            Ok(text) => {
+                let _ = app.reload(Some(text));
+            }
+            Err(_) => {
+                app.metrics.reload(false);
+                tracing::error!(path = %path.display(), "config file is not UTF-8; the previous config keeps serving");
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = Option<()>;
+
+#[cfg(unix)]
+fn hangup_stream() -> Hangups {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+
+#[cfg(not(unix))]
+fn hangup_stream() -> Hangups {
+    None
+}
+
+#[cfg(unix)]
+async fn next_hangup(h: &mut Hangups) -> Option<()> {
+    match h {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(not(unix))]
+async fn next_hangup(_: &mut Hangups) -> Option<()> {
+    std::future::pending().await
+}
