@@ -314,11 +314,9 @@ impl Forwarder {
             return Err(ProxyError::BodyTooLarge(max_body.unwrap_or(0)));
         }
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        if switching {
-            if let Some(client_upgrade) = client_upgrade {
-                let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(splice(client_upgrade, upstream_upgrade));
-            }
+        if switching && let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(splice(client_upgrade, upstream_upgrade));
         }
         strip_hop_by_hop(response.headers_mut(), switching);
         append_via(response.headers_mut(), client_version);

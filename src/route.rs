@@ -137,19 +137,20 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
     }
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                let c = h * 16 + l;
-                if is_unreserved(c) {
-                    decoded.push(c);
-                } else {
-                    decoded.push(b'%');
-                    decoded.push(bytes[i + 1].to_ascii_uppercase());
-                    decoded.push(bytes[i + 2].to_ascii_uppercase());
-                }
-                i += 3;
-                continue;
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            let c = h * 16 + l;
+            if is_unreserved(c) {
+                decoded.push(c);
+            } else {
+                decoded.push(b'%');
+                decoded.push(bytes[i + 1].to_ascii_uppercase());
+                decoded.push(bytes[i + 2].to_ascii_uppercase());
             }
+            i += 3;
+            continue;
         }
         decoded.push(bytes[i]);
         i += 1;

@@ -1,0 +1,22 @@
+# tollgate: multi-stage build, small non-root runtime image.
+#   docker build -t tollgate .
+#   docker run --rm -p 8080:8080 -v "$PWD/proxy.toml:/etc/tollgate/proxy.toml:ro" tollgate
+# The mounted proxy.toml must listen on 0.0.0.0 (the shipped example listens on 127.0.0.1).
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src src
+COPY lua lua
+RUN cargo build --release --locked --bin tollgate \
+ && strip target/release/tollgate
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin tollgate \
+ && mkdir -p /etc/tollgate
+COPY --from=build /src/target/release/tollgate /usr/local/bin/tollgate
+COPY proxy.toml /etc/tollgate/proxy.toml
+USER 10001
+WORKDIR /etc/tollgate
+EXPOSE 8080 9901
+ENTRYPOINT ["/usr/local/bin/tollgate"]
+CMD ["run", "--config", "/etc/tollgate/proxy.toml"]

@@ -1,0 +1,409 @@
+//! Test harness: real processes and sockets on loopback, each stopped on drop.
+//!
+//! - [`Redis`]: a `redis-server` on a free port in a temp dir (no persistence), readiness by
+//!   PING, killed and reaped by its own PID.
+//! - [`Upstream`]: a hyper server that records what it received and answers by path:
+//!   `/status/N`, `/slow/MS`, `/echo` (body back, streamed), `/size/N` (N bytes), anything else
+//!   200 with a JSON description of the request.
+//! - [`start_tollgate`]: tollgate in this process on 127.0.0.1:0.
+//! - [`Http`]: a small keep-alive client.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the caller).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A redis-server of this test's own.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_with(&[])
+    }
+
+    /// Starts on a given port (one a test configured before the server existed).
+    pub fn start_on(port: u16) -> Redis {
+        let mut redis = Redis {
+            port,
+            child: None,
+            dir: tempfile::tempdir().expect("temp dir"),
+            extra: Vec::new(),
+        };
+        redis.spawn();
+        redis
+    }
+
+    /// Starts with extra `redis-server` arguments.
+    pub fn start_with(extra: &[&str]) -> Redis {
+        let mut redis = Redis {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().expect("temp dir"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.dir.path().join("redis.log"))
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (the README's test command installs it)");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(client) = redis::Client::open(self.url())
+                && let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(200))
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on port {} did not become ready", self.port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a fresh, empty server on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// The server's process id (for SIGSTOP / SIGCONT).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// A synchronous connection for test assertions.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+            .expect("redis connection")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What the upstream received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body_len: usize,
+}
+
+/// A recording upstream HTTP server.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+type UpBody = BoxBody<Bytes, hyper::Error>;
+
+fn full(b: impl Into<Bytes>) -> UpBody {
+    Full::new(b.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+async fn upstream_handle(
+    request: Request<Incoming>,
+    log: Arc<Mutex<Vec<Received>>>,
+) -> Result<Response<UpBody>, Infallible> {
+    let path = request.uri().path().to_string();
+    let method = request.method().to_string();
+    let uri = request.uri().to_string();
+    let headers = request.headers().clone();
+    let record = |body_len| {
+        log.lock().unwrap().push(Received {
+            method: method.clone(),
+            uri: uri.clone(),
+            headers: headers.clone(),
+            body_len,
+        })
+    };
+    if path == "/echo" {
+        record(0);
+        // Streams the body back frame by frame without collecting it.
+        return Ok(Response::new(request.into_body().boxed()));
+    }
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    record(body.len());
+    if let Some(code) = path.strip_prefix("/status/") {
+        let status = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
+        let mut r = Response::new(full(format!("status {code}\n")));
+        *r.status_mut() = status;
+        return Ok(r);
+    }
+    if let Some(ms) = path.strip_prefix("/slow/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;
+        return Ok(Response::new(full("slow\n")));
+    }
+    if let Some(n) = path.strip_prefix("/size/") {
+        let n: usize = n.parse().unwrap_or(0);
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let stream = futures_stream(n, chunk);
+        return Ok(Response::new(stream));
+    }
+    let mut description = BTreeMap::new();
+    description.insert(
+        "method".to_string(),
+        serde_json::Value::from(method.clone()),
+    );
+    description.insert("uri".to_string(), uri.clone().into());
+    description.insert("body_len".to_string(), body.len().into());
+    let mut hs = serde_json::Map::new();
+    for (k, v) in &headers {
+        hs.insert(k.to_string(), v.to_str().unwrap_or("").into());
+    }
+    description.insert("headers".to_string(), hs.into());
+    let mut r = Response::new(full(serde_json::to_vec(&description).unwrap()));
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut().insert("x-upstream", "yes".parse().unwrap());
+    Ok(r)
+}
+
+/// A body of `n` bytes produced in 64 KiB frames, never held whole.
+struct Generated {
+    left: usize,
+    chunk: Bytes,
+}
+
+impl http_body::Body for Generated {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let take = self.left.min(self.chunk.len());
+        self.left -= take;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.chunk.slice(..take)))))
+    }
+}
+
+fn futures_stream(n: usize, chunk: Bytes) -> UpBody {
+    Generated { left: n, chunk }.boxed()
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let log = received.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |r| upstream_handle(r, log.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            received,
+            task,
+        }
+    }
+
+    pub fn target(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> Received {
+        self.received
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a request reached the upstream")
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts tollgate in this process from config text; `listen` must be "127.0.0.1:0".
+pub async fn start_tollgate(config: &str) -> tollgate::Running {
+    let policy = tollgate::config::parse(config, "test.toml", Path::new("."))
+        .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{config}"));
+    tollgate::start(policy, None, std::future::pending())
+        .await
+        .expect("tollgate starts")
+}
+
+/// A config with one upstream named `api` and the given store and routes.
+pub fn config(upstream: &Upstream, store: &str, routes: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n{store}\n\n[upstreams.api]\ntargets = [\"{}\"]\ntimeout = \"2s\"\n\n{routes}\n",
+        upstream.target()
+    )
+}
+
+/// `[store]` tables for both backends.
+pub fn memory_store() -> String {
+    "[store]\nbackend = \"memory\"".to_string()
+}
+
+pub fn redis_store(redis: &Redis) -> String {
+    format!(
+        "[store]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"200ms\"\nprefix = \"t\"",
+        redis.url()
+    )
+}
+
+/// A response, collected.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// A keep-alive HTTP/1.1 client.
+#[derive(Clone)]
+pub struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Http {
+    pub fn new() -> Http {
+        Http {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        let mut builder = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let request = builder.body(Full::new(body.into())).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
+            .await
+            .expect("response within 10 s")
+            .expect("request sent");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Reply {
+        self.send("GET", url, headers, Bytes::new()).await
+    }
+}
