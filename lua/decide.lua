@@ -6,7 +6,8 @@
 -- ARGV[1]  now in microseconds since the Unix epoch, or "" to read the server's clock with TIME.
 --          tollgate always sends "" (replicas with skewed clocks agree because the time comes
 --          from Redis); tests send a time through the same argument.
--- ARGV[2 + 6 * (i - 1) .. 7 + 6 * (i - 1)]  limit i: algorithm code, p1, p2, p3, cost, shadow.
+-- ARGV[2]  "1" to peek: decide as usual but write nothing at all (`tollgate explain`), else "0".
+-- ARGV[3 + 6 * (i - 1) .. 8 + 6 * (i - 1)]  limit i: algorithm code, p1, p2, p3, cost, shadow.
 --          codes: 1 fixed_window, 2 sliding_window, 3 sliding_log, 4 token_bucket, 5 gcra;
 --          p1..p3 as each algorithm file says; shadow 1 for a limit that measures but never
 --          rejects (mode = "shadow"), else 0.
@@ -24,14 +25,15 @@ else
   now = tonumber(ARGV[1])
 end
 
+local peek = ARGV[2] == '1'
 local algorithms = { fixed_window, sliding_window, sliding_log, token_bucket, gcra }
 local results = {}
 local admitted = 1
 for i = 1, #KEYS do
-  local a = 1 + 6 * (i - 1)
+  local a = 2 + 6 * (i - 1)
   local algorithm = algorithms[tonumber(ARGV[a + 1])]
   local r = algorithm(KEYS[i], now, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
-    tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]))
+    tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), peek)
   results[i] = r
   if r[1] == 0 and ARGV[a + 6] ~= '1' then admitted = 0 end
 end
@@ -39,7 +41,7 @@ end
 local reply = { admitted }
 for i = 1, #KEYS do
   local r = results[i]
-  if admitted == 1 and r[1] == 1 then r[5]() end
+  if admitted == 1 and r[1] == 1 and not peek then r[5]() end
   reply[#reply + 1] = r[1]
   reply[#reply + 1] = r[2]
   reply[#reply + 1] = r[3]

@@ -9,8 +9,9 @@
 --          retry_after us (the unit that must leave for `cost` to fit leaves), commit }.
 -- TTL    until the newest unit leaves the window, plus the slack.
 -- A clock that steps back counts from the newest timestamp stored.
+-- With `peek` nothing is written: expired members are counted out instead of trimmed.
 -- Trade-off: exact, but memory grows with the quota (one member per admitted unit).
-local function sliding_log(key, now, quota, window, _, cost)
+local function sliding_log(key, now, quota, window, _, cost, peek)
   local base = now
   local newest = nil
   local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
@@ -18,8 +19,14 @@ local function sliding_log(key, now, quota, window, _, cost)
     newest = tonumber(last[2])
     if newest > base then base = newest end
   end
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', base - window)
-  local count = redis.call('ZCARD', key)
+  local cutoff = base - window
+  local expired = 0
+  if peek then
+    expired = redis.call('ZCOUNT', key, '-inf', cutoff)
+  else
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', cutoff)
+  end
+  local count = redis.call('ZCARD', key) - expired
   if count + cost <= quota then
     local first = base
     if newest ~= nil and newest + 1 > first then first = newest + 1 end
@@ -39,7 +46,7 @@ local function sliding_log(key, now, quota, window, _, cost)
     end }
   end
   local needed = count + cost - quota
-  local oldest = redis.call('ZRANGE', key, needed - 1, needed - 1, 'WITHSCORES')
+  local oldest = redis.call('ZRANGE', key, expired + needed - 1, expired + needed - 1, 'WITHSCORES')
   local newest_now = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
   local remaining = quota - count
   if remaining < 0 then remaining = 0 end

@@ -27,12 +27,36 @@ enum Command {
     Run,
     /// Validate the config: print a summary and exit 0, or the errors and exit 1.
     Check,
+    /// Say what tollgate would do with one request: route, limits, keys and, with a reachable
+    /// Redis, each limit's current budget. Consumes nothing.
+    Explain {
+        /// The request method, e.g. GET.
+        method: String,
+        /// The request URL, e.g. http://api.example.com/v1/users?page=2
+        url: String,
+        /// A request header, `Name: value` (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// The TCP peer address the request comes from.
+        #[arg(long, default_value = "127.0.0.1")]
+        client_ip: std::net::IpAddr,
+    },
+    /// Exit 0 when the admin listener of the config answers GET /healthz with 200, else 1
+    /// (for container health checks).
+    Healthcheck,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => check(&cli.config),
+        Command::Explain {
+            method,
+            url,
+            headers,
+            client_ip,
+        } => explain(&cli.config, &method, &url, &headers, client_ip),
+        Command::Healthcheck => healthcheck(&cli.config),
         Command::Run => {
             logging::init(cli.log_format);
             match run(&cli.config) {
@@ -62,6 +86,108 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
+fn explain(
+    path: &Path,
+    method: &str,
+    url: &str,
+    headers: &[String],
+    peer: std::net::IpAddr,
+) -> ExitCode {
+    let policy = match config::load(path) {
+        Ok(p) => p,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let request = match build_request(method, url, headers) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tollgate explain: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tollgate explain: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!(
+        "{}",
+        runtime.block_on(tollgate::report::explain(&policy, &request, peer))
+    );
+    ExitCode::SUCCESS
+}
+
+fn build_request(method: &str, url: &str, headers: &[String]) -> anyhow::Result<http::Request<()>> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("invalid URL {url:?}: {e}"))?;
+    let mut builder = http::Request::builder().method(method.to_ascii_uppercase().as_str());
+    if let Some(authority) = uri.authority() {
+        builder = builder.header(http::header::HOST, authority.as_str());
+    }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    builder = builder.uri(path);
+    for h in headers {
+        let (name, value) = h
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("invalid header {h:?}; expected 'Name: value'"))?;
+        builder = builder.header(name.trim(), value.trim());
+    }
+    Ok(builder.body(())?)
+}
+
+fn healthcheck(path: &Path) -> ExitCode {
+    let Ok(policy) = config::load(path) else {
+        eprintln!("tollgate healthcheck: config invalid");
+        return ExitCode::FAILURE;
+    };
+    let Some(mut admin) = policy.server.admin else {
+        eprintln!("tollgate healthcheck: no [server] admin listener configured");
+        return ExitCode::FAILURE;
+    };
+    if admin.ip().is_unspecified() {
+        admin.set_ip(if admin.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(3);
+    let result = (|| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&admin, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(
+            format!("GET /healthz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )?;
+        let mut response = String::new();
+        s.read_to_string(&mut response)?;
+        Ok(response)
+    })();
+    match result {
+        Ok(r) if r.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
+        Ok(r) => {
+            eprintln!(
+                "tollgate healthcheck: {}",
+                r.lines().next().unwrap_or("no response")
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("tollgate healthcheck: {admin}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn run(path: &Path) -> anyhow::Result<()> {
     let policy = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut runtime = match policy.server.workers {
@@ -76,9 +202,10 @@ fn run(path: &Path) -> anyhow::Result<()> {
     let runtime = runtime.enable_all().build()?;
     let result = runtime.block_on(async {
         let running = tollgate::start(policy, Some(path.to_path_buf()), termination()).await?;
+        let admin = running.admin_addr.map(|a| a.to_string());
         tracing::info!(
             listen = %running.addr,
-            admin = ?running.admin_addr,
+            admin = admin.as_deref().unwrap_or("none"),
             store = running.app.runtime().limiter.store.backend_name(),
             "tollgate serving"
         );

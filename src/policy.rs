@@ -43,6 +43,8 @@ pub struct Server {
     pub tls: Option<Tls>,
     /// One log line per request (target `tollgate::access`).
     pub access_log: bool,
+    /// Reload when the config file's content changes (SIGHUP always reloads).
+    pub watch_config: bool,
 }
 
 /// `[server.tls]`.

@@ -1,4 +1,5 @@
-//! Reload triggers: `SIGHUP`, and any change of the config file's content. The file is polled
+//! Reload triggers: `SIGHUP`, and any change of the config file's content (unless
+//! `[server] watch_config = false`). The file is polled
 //! (every 500 ms, reading through symlinks), which sees every way files really change (in-place
 //! writes, write-then-rename, a swapped symlink target, delete then recreate) without depending
 //! on inotify semantics. A change is loaded only once two reads 200 ms apart agree, so a
@@ -38,6 +39,9 @@ pub async fn watch(app: Arc<App>, shutdown: impl std::future::Future<Output = ()
             tracing::info!("SIGHUP: reloading");
             seen = read(&path);
             let _ = app.reload(None);
+            continue;
+        }
+        if !app.runtime().policy.server.watch_config {
             continue;
         }
         let current = read(&path);

@@ -3,7 +3,9 @@
 use std::fmt::Write as _;
 
 use crate::config::{shadowed_routes, units::format_duration};
-use crate::policy::{HeaderStyle, Matcher, Mode, OnStoreError, Policy, StoreSettings};
+use crate::policy::{
+    HeaderStyle, KeySpec, Limit, Matcher, Mode, OnStoreError, Policy, StoreSettings,
+};
 
 fn describe_match(m: &Matcher) -> String {
     let mut parts = Vec::new();
@@ -28,6 +30,31 @@ fn describe_match(m: &Matcher) -> String {
     } else {
         parts.join(", ")
     }
+}
+
+/// `gcra 50/s, burst 20 by ip, cost 2, shadow (quota 20 per 1 s)`.
+fn describe_limit(l: &Limit, spec: &KeySpec) -> String {
+    let burst = match l.algorithm_name {
+        "token_bucket" | "gcra" => format!(", burst {}", l.quota),
+        _ => String::new(),
+    };
+    format!(
+        "{} {}{burst} by {spec}{}{} (quota {} per {} s)",
+        l.algorithm_name,
+        l.rate_text,
+        if l.cost != 1 {
+            format!(", cost {}", l.cost)
+        } else {
+            String::new()
+        },
+        if l.mode == Mode::Shadow {
+            ", shadow: never rejects"
+        } else {
+            ""
+        },
+        l.quota,
+        l.window_secs
+    )
 }
 
 /// The summary of a valid policy.
@@ -113,30 +140,7 @@ pub fn summary(policy: &Policy, file: &str) -> String {
             let _ = writeln!(out, "    no limits: everything is forwarded");
         }
         for l in &r.limits {
-            let burst = match l.algorithm_name {
-                "token_bucket" | "gcra" => format!(", burst {}", l.quota),
-                _ => String::new(),
-            };
-            let _ = writeln!(
-                out,
-                "    {}: {} {}{burst} by {}{}{} (quota {} per {} s)",
-                l.name,
-                l.algorithm_name,
-                l.rate_text,
-                r.keys[l.key],
-                if l.cost != 1 {
-                    format!(", cost {}", l.cost)
-                } else {
-                    String::new()
-                },
-                if l.mode == Mode::Shadow {
-                    ", shadow"
-                } else {
-                    ""
-                },
-                l.quota,
-                l.window_secs
-            );
+            let _ = writeln!(out, "    {}: {}", l.name, describe_limit(l, &r.keys[l.key]));
         }
     }
     for (route, earlier) in shadowed_routes(policy) {
@@ -174,5 +178,186 @@ mod tests {
         );
         assert_eq!(redact("rediss://:secret@h"), "rediss://:***@h");
         assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+    }
+}
+
+/// What `tollgate explain` says about one request: the route, the client IP, each limit with
+/// the key it would use (hashed, as stored) and, when the store is Redis and answers, each
+/// limit's current budget. Nothing is consumed.
+pub async fn explain(
+    policy: &Policy,
+    request: &http::Request<()>,
+    peer: std::net::IpAddr,
+) -> String {
+    use crate::identity::{self, Subject};
+    use crate::limiter::{self, Store, redis::key_name};
+    use crate::response::ceil_secs;
+    use crate::route::RequestView;
+
+    let mut out = String::new();
+    let (parts, ()) = request.clone().into_parts();
+    let _ = writeln!(out, "{} {}", parts.method, parts.uri);
+    let server = &policy.server;
+    let client = identity::client_ip(peer, &parts.headers, &server.trusted_proxies);
+    let counted = identity::counted_ip(client, server.ipv6_prefix);
+    let trusted = identity::is_trusted(peer, &server.trusted_proxies);
+    let _ = writeln!(
+        out,
+        "client {client} (TCP peer {peer}{}){}",
+        if trusted {
+            ", a trusted proxy: forwarding headers believed"
+        } else {
+            ""
+        },
+        if counted != client {
+            format!(", counted as {counted}")
+        } else {
+            String::new()
+        }
+    );
+    let Some((_, route)) = policy.route_for(&RequestView::new(&parts)) else {
+        let _ = writeln!(
+            out,
+            "no route matches: tollgate answers 404 and forwards nothing"
+        );
+        return out;
+    };
+    let _ = writeln!(
+        out,
+        "route {} ({}) -> upstream {}",
+        route.name,
+        describe_match(&route.matcher),
+        route.upstream.name
+    );
+    if route.limits.is_empty() {
+        let _ = writeln!(out, "no limits: forwarded as is");
+        return out;
+    }
+    let subject = Subject {
+        parts: &parts,
+        ip: counted,
+    };
+    let items = limiter::items_for(route, &subject);
+    let (store_line, decision) = match &policy.store {
+        StoreSettings::Memory { .. } => (
+            "store memory: the counters live inside the running tollgate process; explain cannot read them".to_string(),
+            None,
+        ),
+        StoreSettings::Redis { url, timeout, .. } => {
+            let started = std::time::Instant::now();
+            let answer = match Store::new(&policy.store) {
+                Ok(store) => {
+                    match tokio::time::timeout((*timeout).max(std::time::Duration::from_secs(2)), store.peek(&items, None)).await {
+                        Ok(r) => r.map_err(|e| e.to_string()),
+                        Err(_) => Err("no answer within 2 s".to_string()),
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match answer {
+                Ok(d) => (
+                    format!(
+                        "store redis {}: answered in {:.1} ms; nothing was consumed",
+                        redact(url),
+                        started.elapsed().as_secs_f64() * 1000.0
+                    ),
+                    Some(d),
+                ),
+                Err(e) => (format!("store redis {}: unavailable ({e})", redact(url)), None),
+            }
+        }
+    };
+    let _ = writeln!(
+        out,
+        "limits, decided together (admitted only if every enforced limit admits; on store error: {}):",
+        match route.on_store_error {
+            OnStoreError::Allow => "allow",
+            OnStoreError::Deny => "deny (503)",
+        }
+    );
+    for (i, (limit, item)) in route.limits.iter().zip(&items).enumerate() {
+        let spec = &route.keys[limit.key];
+        let sources: Vec<String> = spec
+            .0
+            .iter()
+            .map(|s| describe_source(s, &parts, counted))
+            .collect();
+        let _ = writeln!(out, "  {}: {}", limit.name, describe_limit(limit, spec));
+        let _ = writeln!(out, "    identity: {}", sources.join(", "));
+        let key = match &policy.store {
+            StoreSettings::Redis { prefix, .. } => key_name(prefix, item.id, &item.tag),
+            StoreSettings::Memory { .. } => format!(
+                "limit {:016x}, identity {}",
+                item.id,
+                item.tag
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            ),
+        };
+        let _ = writeln!(out, "    key {key}");
+        if let Some(d) = &decision {
+            let o = &d.outcomes[i];
+            if o.allowed {
+                let _ = writeln!(
+                    out,
+                    "    now: would admit; {} of {} left after this request; full again in {} s",
+                    o.remaining,
+                    limit.quota,
+                    ceil_secs(o.reset)
+                );
+            } else {
+                let _ = writeln!(
+                    out,
+                    "    now: would reject; {} left; retry after {} s",
+                    o.remaining,
+                    ceil_secs(o.retry_after).max(1)
+                );
+            }
+        }
+    }
+    let _ = writeln!(out, "{store_line}");
+    if let Some(d) = &decision {
+        let _ = writeln!(
+            out,
+            "verdict: {}",
+            if d.admitted {
+                "admitted"
+            } else {
+                "rejected with 429"
+            }
+        );
+    }
+    out
+}
+
+fn describe_source(
+    source: &crate::policy::KeySource,
+    parts: &http::request::Parts,
+    ip: std::net::IpAddr,
+) -> String {
+    use crate::policy::KeySource;
+    match source {
+        KeySource::Ip => format!("ip {ip}"),
+        KeySource::Global => "global (one counter for the route)".to_string(),
+        KeySource::Header(name) => {
+            let present = parts.headers.get_all(name).iter().any(|v| !v.is_empty());
+            if present {
+                format!("header {name} present (its value is hashed, never stored)")
+            } else {
+                format!("header {name} absent: counted under ip {ip}")
+            }
+        }
+        KeySource::Query(name) => {
+            let present = parts.uri.query().is_some_and(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .any(|(k, v)| k == name.as_str() && !v.is_empty())
+            });
+            if present {
+                format!("query {name} present (its value is hashed, never stored)")
+            } else {
+                format!("query {name} absent: counted under ip {ip}")
+            }
+        }
     }
 }

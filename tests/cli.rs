@@ -5,7 +5,7 @@ mod common;
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -146,32 +146,6 @@ fn the_default_config_path_is_proxy_toml_in_the_working_directory() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("proxy.toml: OK"));
 }
 
-/// Waits for a "tollgate serving" JSON log line and returns the listen address.
-fn wait_serving(
-    child: &mut std::process::Child,
-) -> (
-    std::net::SocketAddr,
-    std::io::BufReader<std::process::ChildStderr>,
-) {
-    use std::io::BufRead;
-    let stderr = child.stderr.take().unwrap();
-    let mut reader = std::io::BufReader::new(stderr);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut line = String::new();
-    while Instant::now() < deadline {
-        line.clear();
-        if reader.read_line(&mut line).unwrap() == 0 {
-            panic!("tollgate exited before serving");
-        }
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-            && v["message"] == "tollgate serving"
-        {
-            return (v["listen"].as_str().unwrap().parse().unwrap(), reader);
-        }
-    }
-    panic!("tollgate did not start");
-}
-
 #[tokio::test]
 async fn sigterm_drains_an_in_flight_request_then_exits_0() {
     let upstream = Upstream::start().await;
@@ -182,15 +156,8 @@ async fn sigterm_drains_an_in_flight_request_then_exits_0() {
         "[[routes]]\nname = \"all\"\nupstream = \"api\"\n",
     );
     let path = write(dir.path(), "proxy.toml", &text);
-    // No subcommand: `run` is the default.
-    let mut child = tollgate()
-        .args(["--log-format", "json", "--config"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (addr, _stderr) = wait_serving(&mut child);
+    let mut tg = Binary::start(&path);
+    let addr = tg.addr;
     let http = Http::new();
     let slow = tokio::spawn({
         let http = http.clone();
@@ -205,22 +172,34 @@ async fn sigterm_drains_an_in_flight_request_then_exits_0() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    tg.signal("TERM");
     let reply = slow.await.unwrap();
     assert_eq!(reply.status, 200, "the in-flight request completes");
     assert_eq!(&reply.body[..], b"slow\n");
-    let status = tokio::task::spawn_blocking(move || child.wait())
+    let status = tokio::task::spawn_blocking(move || tg.wait_exit(Duration::from_secs(10)))
         .await
         .unwrap()
-        .unwrap();
+        .expect("tollgate exits after draining");
     assert_eq!(status.code(), Some(0));
     // And the listener is closed.
     assert!(std::net::TcpStream::connect(addr).is_err());
+}
+
+#[test]
+fn plain_tollgate_runs_the_default_config() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "proxy.toml", VALID);
+    let mut child = tollgate()
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let serving = lines.any(|l| l.is_ok_and(|l| l.contains("tollgate serving")));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(serving);
 }

@@ -22,22 +22,6 @@ fn text(upstream: &Upstream, redis_url: &str) -> String {
     config(upstream, &store, &routes()).replace("[server]\n", "[server]\nadmin = \"127.0.0.1:0\"\n")
 }
 
-/// Polls until `check` holds, for at most `limit`.
-async fn eventually<F, Fut>(limit: Duration, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if check().await {
-            return start.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("condition not reached within {limit:?}");
-}
-
 #[tokio::test]
 async fn killed_redis_follows_on_store_error_within_the_timeout_and_recovers_after_restart() {
     let upstream = Upstream::start().await;

@@ -37,6 +37,7 @@ pub struct RawServer {
     pub header_read_timeout: Option<S<String>>,
     pub tls: Option<S<RawTls>>,
     pub access_log: Option<bool>,
+    pub watch_config: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -246,6 +246,7 @@ fn server(v: &mut Validator, raw: &S<RawServer>) -> Server {
         header_read_timeout,
         tls,
         access_log: s.access_log.unwrap_or(false),
+        watch_config: s.watch_config.unwrap_or(true),
     }
 }
 

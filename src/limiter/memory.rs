@@ -170,6 +170,27 @@ impl MemoryStore {
         Ok(decision)
     }
 
+    /// What [`MemoryStore::decide`] would answer, changing nothing.
+    pub fn peek(&self, items: &[Item], now: Option<Micros>) -> Decision {
+        let now = now.unwrap_or_else(wall_clock);
+        let outcomes = items
+            .iter()
+            .map(|item| {
+                let key = (item.id, item.tag);
+                let map = lock(&self.inner.shards[shard_of(&key)]);
+                let mut state = match map.get(&key) {
+                    Some(e) if e.expires_at > now && item.algorithm.owns(&e.state) => {
+                        e.state.clone()
+                    }
+                    _ => item.algorithm.fresh(now),
+                };
+                drop(map);
+                item.algorithm.check(&mut state, now, item.cost)
+            })
+            .collect();
+        Decision::from_outcomes(items, outcomes)
+    }
+
     /// Removes entries that expired before `cutoff`; returns how many.
     fn sweep_once(inner: &Inner, cutoff: Micros) -> usize {
         let mut removed = 0;

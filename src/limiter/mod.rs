@@ -103,7 +103,15 @@ impl Store {
     ) -> Result<Decision, StoreError> {
         match self {
             Store::Memory(m) => m.decide(items, now),
-            Store::Redis(r) => r.decide(items, now).await,
+            Store::Redis(r) => r.decide(items, now, false).await,
+        }
+    }
+
+    /// Decides `items` as [`Store::decide`] would, but changes nothing (`tollgate explain`).
+    pub async fn peek(&self, items: &[Item], now: Option<Micros>) -> Result<Decision, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.peek(items, now)),
+            Store::Redis(r) => r.decide(items, now, true).await,
         }
     }
 

@@ -153,11 +153,12 @@ impl RedisStore {
         Ok((pooled.inner.clone(), pooled.broken.clone()))
     }
 
-    /// One script call for all items.
+    /// One script call for all items. With `peek` the script decides but writes nothing.
     pub async fn decide(
         &self,
         items: &[Item],
         now: Option<Micros>,
+        peek: bool,
     ) -> Result<Decision, StoreError> {
         let mut invocation = self.script.prepare_invoke();
         for item in items {
@@ -167,6 +168,7 @@ impl RedisStore {
             Some(t) => invocation.arg(t),
             None => invocation.arg(""),
         };
+        invocation.arg(if peek { "1" } else { "0" });
         for item in items {
             let (code, p1, p2, p3) = script_args(&item.algorithm);
             invocation

@@ -407,3 +407,112 @@ impl Http {
         self.send("GET", url, headers, Bytes::new()).await
     }
 }
+
+/// The tollgate binary running as a child process (for signals, reloads and the CLI), with
+/// its JSON log lines collected.
+pub struct Binary {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    logs: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Binary {
+    /// Starts `tollgate --log-format json run --config PATH` and waits for it to serve.
+    pub fn start(config: &Path) -> Binary {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tollgate binary");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            let mut ready = Some(ready_tx);
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let value: serde_json::Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "message": line }));
+                if value["message"] == "tollgate serving"
+                    && let Some(tx) = ready.take()
+                {
+                    let _ = tx.send(value.clone());
+                }
+                sink.lock().unwrap().push(value);
+            }
+        });
+        let serving = match ready_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(v) => v,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("tollgate did not start; logs: {:?}", logs.lock().unwrap());
+            }
+        };
+        let addr = serving["listen"].as_str().unwrap().parse().unwrap();
+        let admin = serving["admin"].as_str().and_then(|s| s.parse().ok());
+        Binary {
+            child,
+            addr,
+            admin,
+            logs,
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<serde_json::Value> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` every 25 ms until it holds or `limit` passes; returns the time it took.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        if start.elapsed() > limit {
+            panic!("condition not reached within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

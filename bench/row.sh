@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One tollgate row for ../shared/bench/peers.py: writes a config for MODE and runs release
+# tollgate in the foreground with one worker thread (the nginx and HAProxy rows use one too).
+#   bench/row.sh MODE LISTEN_PORT UPSTREAM REDIS_URL TMPDIR
+# MODE: nolimit | memory | redis_tb | redis_gcra | redis_tb_10k | flood_memory | flood_redis
+set -euo pipefail
+mode=$1 port=$2 upstream=$3 redis_url=$4 dir=$5
+here=$(cd "$(dirname "$0")/.." && pwd)
+bin=${TOLLGATE_BIN:-$here/target/release/tollgate}
+cfg="$dir/tollgate-$mode.toml"
+
+store_memory='[store]
+backend = "memory"'
+store_redis="[store]
+backend = \"redis\"
+url = \"$redis_url\"
+timeout = \"100ms\"
+pool_size = ${POOL_SIZE:-4}"
+
+case $mode in
+  nolimit)      store=$store_memory; limits='' ;;
+  memory)       store=$store_memory; limits='limits = [{ by = "ip", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000 }]' ;;
+  redis_tb)     store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000 }]' ;;
+  redis_gcra)   store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "gcra", rate = "1000000/s", burst = 1000000000 }]' ;;
+  redis_tb_10k) store=$store_redis;  limits='limits = [{ by = "query:k", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000 }]' ;;
+  flood_memory) store=$store_memory; limits='limits = [{ by = "ip", algorithm = "fixed_window", rate = "1/hour" }]' ;;
+  flood_redis)  store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "fixed_window", rate = "1/hour" }]' ;;
+  *) echo "unknown mode $mode" >&2; exit 2 ;;
+esac
+
+cat > "$cfg" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+workers = 1
+
+$store
+
+[upstreams.up]
+targets = ["http://$upstream"]
+
+[[routes]]
+name = "all"
+upstream = "up"
+$limits
+TOML
+
+RUST_LOG=${RUST_LOG:-warn} exec "$bin" run --config "$cfg"
