@@ -206,13 +206,7 @@ async fn forward(
     let upgrade = proxy::wants_upgrade(&parts.headers);
     let peer_trusted = identity::is_trusted(conn.peer.ip(), &server.trusted_proxies);
     proxy::strip_hop_by_hop(&mut parts.headers, upgrade);
-    proxy::set_forwarding_headers(
-        &mut parts.headers,
-        conn,
-        peer_trusted,
-        host.as_ref(),
-        parts.version,
-    );
+    proxy::set_forwarding_headers(&mut parts.headers, conn, peer_trusted, host.as_ref());
     if let Some(host) = host
         && !parts.headers.contains_key(header::HOST)
     {

@@ -105,17 +105,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn via_value(version: Version) -> &'static str {
-    match version {
-        Version::HTTP_10 => "1.0 tollgate",
-        Version::HTTP_2 => "2 tollgate",
-        Version::HTTP_3 => "3 tollgate",
-        _ => "1.1 tollgate",
-    }
-}
+/// The contract fixes tollgate's Via entry as `1.1 tollgate`, whatever the client spoke.
+const VIA: &str = "1.1 tollgate";
 
-fn append_via(headers: &mut HeaderMap, version: Version) {
-    let ours = via_value(version);
+fn append_via(headers: &mut HeaderMap) {
+    let ours = VIA;
     let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
         Some(existing) if !existing.is_empty() => {
             HeaderValue::from_str(&format!("{existing}, {ours}"))
@@ -132,7 +126,6 @@ pub fn set_forwarding_headers(
     conn: &ConnInfo,
     peer_trusted: bool,
     host: Option<&HeaderValue>,
-    version: Version,
 ) {
     let peer = conn.peer.ip().to_canonical();
     let xff = {
@@ -161,7 +154,7 @@ pub fn set_forwarding_headers(
     if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST, host.clone());
     }
-    append_via(headers, version);
+    append_via(headers);
 }
 
 /// The request body as forwarded: the client's body, failing once it passes `max_body`.
@@ -279,7 +272,6 @@ impl Forwarder {
             .path_and_query(path)
             .build()
             .map_err(|e| ProxyError::Upstream(upstream.name.clone(), e.to_string()))?;
-        let client_version = request.version();
         *request.version_mut() = Version::HTTP_11;
         let upgrade = wants_upgrade(request.headers());
         let client_upgrade = if upgrade {
@@ -319,7 +311,7 @@ impl Forwarder {
             tokio::spawn(splice(client_upgrade, upstream_upgrade));
         }
         strip_hop_by_hop(response.headers_mut(), switching);
-        append_via(response.headers_mut(), client_version);
+        append_via(response.headers_mut());
         Ok(response)
     }
 }
@@ -404,7 +396,7 @@ mod tests {
             ("via", "1.0 edge"),
         ]);
         let host = HeaderValue::from_static("api.example.com");
-        set_forwarding_headers(&mut h, &conn, false, Some(&host), Version::HTTP_11);
+        set_forwarding_headers(&mut h, &conn, false, Some(&host));
         assert_eq!(h["x-forwarded-for"], "198.51.100.1, 192.0.2.1");
         assert_eq!(
             h["x-forwarded-proto"], "http",
@@ -413,7 +405,7 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "api.example.com");
         assert_eq!(h["via"], "1.0 edge, 1.1 tollgate");
         let mut h = map(&[("x-forwarded-proto", "https")]);
-        set_forwarding_headers(&mut h, &conn, true, None, Version::HTTP_11);
+        set_forwarding_headers(&mut h, &conn, true, None);
         assert_eq!(
             h["x-forwarded-proto"], "https",
             "a trusted proxy's value is kept"
