@@ -6,7 +6,8 @@
 --        no random suffix that could collide, no separate sequence key.
 -- ARGV   (the limit's slot in decide.lua) p1 = quota, p2 = window us, p3 unused.
 -- Result { allowed 1|0, remaining units, reset us (newest unit leaves the window),
---          retry_after us (the unit that must leave for `cost` to fit leaves), commit }.
+--          retry_after us (the unit that must leave for `cost` to fit leaves), commit };
+--          both measured from `now`: units of one burst may be stamped a few us ahead of it.
 -- TTL    until the newest unit leaves the window, plus the slack.
 -- A clock that steps back counts from the newest timestamp stored.
 -- With `peek` nothing is written: expired members are counted out instead of trimmed.
@@ -31,7 +32,7 @@ local function sliding_log(key, now, quota, window, _, cost, peek)
     local first = base
     if newest ~= nil and newest + 1 > first then first = newest + 1 end
     local final = first + cost - 1
-    return { 1, quota - count - cost, final + window - base, 0, function()
+    return { 1, quota - count - cost, final + window - now, 0, function()
       local args = {}
       for t = first, final do
         args[#args + 1] = t
@@ -50,6 +51,6 @@ local function sliding_log(key, now, quota, window, _, cost, peek)
   local newest_now = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
   local remaining = quota - count
   if remaining < 0 then remaining = 0 end
-  return { 0, remaining, tonumber(newest_now[2]) + window - base,
-           tonumber(oldest[2]) + window - base, nil }
+  return { 0, remaining, tonumber(newest_now[2]) + window - now,
+           tonumber(oldest[2]) + window - now, nil }
 end

@@ -119,8 +119,10 @@ impl Algorithm {
     }
 
     /// Brings `state` up to `now` and says whether `cost` units fit. Changes to `state` made here
-    /// are normalisation only (expired entries dropped, windows rolled): a denied request leaves
-    /// the limit as it was.
+    /// prepare the commit (windows rolled, bucket refilled, expired log entries dropped). A
+    /// store keeps them only for an admitted request, except the sliding log's trim, which
+    /// changes no decision: after a denial the state stays as it was, as in the Lua scripts
+    /// (which matters when a clock steps back).
     pub fn check(&self, state: &mut State, now: Micros, cost: u64) -> Outcome {
         match (*self, state) {
             (Algorithm::FixedWindow { quota, window }, State::Window { index, count }) => {
@@ -234,7 +236,7 @@ impl Algorithm {
                     Outcome {
                         allowed: true,
                         remaining: quota - count - cost,
-                        reset: last + window - base,
+                        reset: last + window - now,
                         retry_after: 0,
                     }
                 } else {
@@ -245,8 +247,8 @@ impl Algorithm {
                     Outcome {
                         allowed: false,
                         remaining: quota.saturating_sub(count),
-                        reset: newest + window - base,
-                        retry_after: oldest_needed + window - base,
+                        reset: newest + window - now,
+                        retry_after: oldest_needed + window - now,
                     }
                 }
             }

@@ -109,7 +109,9 @@ impl MemoryStore {
         let guard_of = |shard: usize| order.binary_search(&shard).expect("locked");
 
         // Take each state out (a route's limits may share a shard), decide, then put back.
-        let mut taken: Vec<(State, Option<Micros>)> = Vec::with_capacity(items.len());
+        // (state after check, its expiry, the state before check where a denial must restore it)
+        let mut taken: Vec<(State, Option<Micros>, Option<State>)> =
+            Vec::with_capacity(items.len());
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(items.len());
         let mut existed = 0usize;
         let mut fresh = 0usize;
@@ -126,15 +128,20 @@ impl MemoryStore {
                     (item.algorithm.fresh(now), None)
                 }
             };
+            // A denial keeps the state as it was (as the scripts do), except the log's trim.
+            let before = match &state {
+                State::Log(_) => None,
+                other => Some(other.clone()),
+            };
             outcomes.push(item.algorithm.check(&mut state, now, item.cost));
-            taken.push((state, expires_at));
+            taken.push((state, expires_at, before));
         }
         let decision = Decision::from_outcomes(items, outcomes);
         let full = decision.admitted
             && fresh > 0
             && self.inner.len.load(Ordering::Relaxed) + fresh > self.inner.max_keys;
         let mut stored = 0usize;
-        for ((item, key), ((mut state, expires_at), outcome)) in items
+        for ((item, key), ((mut state, expires_at, before), outcome)) in items
             .iter()
             .zip(&keys)
             .zip(taken.into_iter().zip(&decision.outcomes))
@@ -144,6 +151,9 @@ impl MemoryStore {
                 item.algorithm.commit(&mut state, now, item.cost);
                 Some(now + item.algorithm.ttl(&state, now) + TTL_SLACK)
             } else {
+                if let Some(before) = before {
+                    state = before;
+                }
                 expires_at
             };
             // A key that was not stored (or had expired) and did not change stays absent.

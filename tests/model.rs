@@ -1,0 +1,899 @@
+//! Model test: the reference algorithms, the memory store and the Redis scripts give the same
+//! decisions, field by field, for the same requests at the same times.
+//!
+//! - The reference model is a plain map from (limit id, identity) to [`State`], driven by
+//!   [`Algorithm::check`] and [`Algorithm::commit`] directly, with the all-or-nothing rule of
+//!   `decide.lua`: a request is admitted when every enforced (non-shadow) limit allows it, and only
+//!   then are the limits that allowed it charged. The model keeps whatever `check` left in a state
+//!   (normalisation included) and never forgets a key.
+//! - [`Store::Memory`] and [`Store::Redis`] (a real redis-server from the harness) are called
+//!   through [`Store::decide`] with an explicit `now`, the interface production uses with `None`.
+//!
+//! The stores forget keys `ttl + TTL_SLACK` after their last change: the memory store by the `now`
+//! it is given, Redis by its own clock, in real time, which the requests' times outrun (so the
+//! scripts keep deciding on states the memory store has already forgotten). Agreeing with a model
+//! that never forgets holds both to the claim that an expired state equals a fresh one.
+//!
+//! Property tests: random sequences of requests (a few identities, a few sets of limits, costs,
+//! time steps from 0 µs to whole windows) for every algorithm with small quotas, and requests that
+//! mix algorithms and shadow limits. Times start near the wall clock and only move forward, so the
+//! memory store's sweeper (which never expires past the newest `now` it saw) cannot overtake them.
+//! Deterministic tests pin the tricky spots: sliding_log requests in the same microsecond with a
+//! cost above one (and whether their `retry_after` and `reset` hold), a clock that steps back, a
+//! token bucket idle far longer than its fill time.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use proptest::sample::{Index, select};
+use proptest::test_runner::{FileFailurePersistence, TestCaseError};
+use tokio::runtime::Runtime;
+use tollgate::identity::Tag;
+use tollgate::limiter::algorithm::{Algorithm, Micros, Outcome, State};
+use tollgate::limiter::{Decision, Item, Store, wall_clock};
+use tollgate::policy::StoreSettings;
+
+use common::Redis;
+
+const MS: Micros = 1_000;
+const SEC: Micros = 1_000_000;
+
+/// Windows, periods and intervals that divide a second: their edges fall at the same offsets
+/// from the (second-aligned) start of every run, so a persisted failure replays alike.
+const ROUND_WINDOWS: [Micros; 11] = [
+    MS,
+    2 * MS,
+    5 * MS,
+    10 * MS,
+    20 * MS,
+    50 * MS,
+    100 * MS,
+    125 * MS,
+    250 * MS,
+    500 * MS,
+    SEC,
+];
+
+// ---------------------------------------------------------------------------------------------
+// The reference model.
+
+#[derive(Default)]
+struct Model {
+    states: HashMap<(u64, Tag), State>,
+}
+
+impl Model {
+    fn decide(&mut self, items: &[Item], now: Micros) -> Decision {
+        let mut states: Vec<State> = items
+            .iter()
+            .map(|item| match self.states.get(&(item.id, item.tag)) {
+                Some(state) if item.algorithm.owns(state) => state.clone(),
+                _ => item.algorithm.fresh(now),
+            })
+            .collect();
+        let outcomes: Vec<Outcome> = items
+            .iter()
+            .zip(&mut states)
+            .map(|(item, state)| item.algorithm.check(state, now, item.cost))
+            .collect();
+        let admitted = items
+            .iter()
+            .zip(&outcomes)
+            .all(|(item, outcome)| item.shadow || outcome.allowed);
+        for ((item, mut state), outcome) in items.iter().zip(states).zip(&outcomes) {
+            if admitted && outcome.allowed {
+                item.algorithm.commit(&mut state, now, item.cost);
+                self.states.insert((item.id, item.tag), state);
+            } else if matches!(state, State::Log(_)) {
+                // A denial writes nothing but the sliding log's trim.
+                self.states.insert((item.id, item.tag), state);
+            }
+        }
+        Decision { admitted, outcomes }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The three implementations side by side.
+
+/// A request's time and limits.
+type Request = (Micros, Vec<Item>);
+
+/// One redis-server, one Redis store and one runtime for a whole test function.
+struct Backends {
+    redis_store: Store,
+    flush: Mutex<redis::Connection>,
+    runtime: Runtime,
+    /// Dropped last: kills the server.
+    _server: Redis,
+}
+
+impl Backends {
+    fn start() -> Backends {
+        let server = Redis::start();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let redis_store = {
+            let _entered = runtime.enter();
+            Store::new(&StoreSettings::Redis {
+                url: server.url(),
+                pool_size: 2,
+                timeout: Duration::from_secs(5),
+                prefix: "model".into(),
+            })
+            .expect("redis store")
+        };
+        Backends {
+            redis_store,
+            flush: Mutex::new(server.conn()),
+            runtime,
+            _server: server,
+        }
+    }
+
+    /// Empty everywhere: Redis flushed, a new memory store, a new model.
+    fn fresh(&self) -> Trio<'_> {
+        let mut conn = self.flush.lock().unwrap_or_else(|e| e.into_inner());
+        redis::cmd("FLUSHALL")
+            .query::<()>(&mut conn)
+            .expect("FLUSHALL");
+        let memory = {
+            // The memory store spawns its sweeper on the current runtime.
+            let _entered = self.runtime.enter();
+            Store::new(&StoreSettings::Memory {
+                max_keys: 1 << 20,
+                timeout: Duration::from_secs(5),
+            })
+            .expect("memory store")
+        };
+        Trio {
+            model: Model::default(),
+            memory,
+            redis: &self.redis_store,
+        }
+    }
+
+    /// Runs `requests` (absolute times) against fresh backends; stops at the first disagreement.
+    fn replay(&self, requests: &[Request]) -> Result<Vec<Decision>, String> {
+        let mut trio = self.fresh();
+        self.runtime.block_on(async {
+            let mut decisions = Vec::new();
+            for (n, (now, items)) in requests.iter().enumerate() {
+                let decision = trio
+                    .decide(items, *now)
+                    .await
+                    .map_err(|e| format!("request {n} at {now} µs: {}\n{e}", show_items(items)))?;
+                decisions.push(decision);
+            }
+            Ok(decisions)
+        })
+    }
+}
+
+struct Trio<'a> {
+    model: Model,
+    memory: Store,
+    redis: &'a Store,
+}
+
+impl Trio<'_> {
+    /// Decides with all three; the model's decision if both stores agree with it.
+    async fn decide(&mut self, items: &[Item], now: Micros) -> Result<Decision, String> {
+        // A peek (what `tollgate explain` uses) sees the decision that follows and changes
+        // nothing: both stores are asked twice before the real decision.
+        let mut peeks = Vec::new();
+        for _ in 0..2 {
+            peeks.push(("memory peek", self.memory.peek(items, Some(now)).await));
+            peeks.push(("redis peek", self.redis.peek(items, Some(now)).await));
+        }
+        let model = self.model.decide(items, now);
+        for (name, peek) in peeks {
+            match peek {
+                Ok(p) if p == model => {}
+                Ok(p) => {
+                    return Err(format!(
+                        "  model: {}
+≠ {name}: {}",
+                        show(&model),
+                        show(&p)
+                    ));
+                }
+                Err(e) => return Err(format!("{name} failed: {e}")),
+            }
+        }
+        let memory = self
+            .memory
+            .decide(items, Some(now))
+            .await
+            .map_err(|e| format!("memory store failed: {e}"))?;
+        let redis = self
+            .redis
+            .decide(items, Some(now))
+            .await
+            .map_err(|e| format!("redis store failed: {e}"))?;
+        if memory == model && redis == model {
+            return Ok(model);
+        }
+        let mark = |d: &Decision| if *d == model { "  " } else { "≠ " };
+        Err(format!(
+            "  model:  {}\n{}memory: {}\n{}redis:  {}",
+            show(&model),
+            mark(&memory),
+            show(&memory),
+            mark(&redis),
+            show(&redis)
+        ))
+    }
+}
+
+fn show(d: &Decision) -> String {
+    let outcomes: Vec<String> = d
+        .outcomes
+        .iter()
+        .map(|o| {
+            format!(
+                "{} remaining {} reset {} retry {}",
+                if o.allowed { "allow" } else { "deny" },
+                o.remaining,
+                o.reset,
+                o.retry_after
+            )
+        })
+        .collect();
+    format!("admitted {} [{}]", d.admitted, outcomes.join("; "))
+}
+
+fn show_items(items: &[Item]) -> String {
+    let items: Vec<String> = items
+        .iter()
+        .map(|i| {
+            format!(
+                "{{ {:?}, cost {}, id {}, who {}{} }}",
+                i.algorithm,
+                i.cost,
+                i.id,
+                i.tag[0],
+                if i.shadow { ", shadow" } else { "" }
+            )
+        })
+        .collect();
+    items.join(", ")
+}
+
+fn tag(who: u8) -> Tag {
+    let mut tag = [0x5a; 16];
+    tag[0] = who;
+    tag
+}
+
+fn item(algorithm: Algorithm, cost: u64) -> Item {
+    Item {
+        algorithm,
+        cost,
+        shadow: false,
+        id: 1,
+        tag: tag(0),
+    }
+}
+
+/// A time a few seconds ahead of the wall clock, aligned to `align`.
+fn start_time(align: Micros) -> Micros {
+    (wall_clock() / align + 2) * align
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Random cases.
+
+#[derive(Debug, Clone, Copy)]
+struct Limit {
+    algorithm: Algorithm,
+    shadow: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    /// µs since the previous request (the first: since the case's start).
+    dt: Micros,
+    /// Which identity asks.
+    who: u8,
+    /// Which set of limits applies (an index into `Case::sets`).
+    set: usize,
+    /// Requested cost, capped at each limit's quota.
+    cost: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    /// µs from the run's second-aligned start to the case's.
+    offset: Micros,
+    /// The limits; limit `i` has id `i + 1`.
+    limits: Vec<Limit>,
+    /// The sets of limits a request can face (like routes): indices into `limits`, distinct.
+    sets: Vec<Vec<usize>>,
+    steps: Vec<Step>,
+}
+
+impl Case {
+    fn items(&self, step: &Step) -> Vec<Item> {
+        self.sets[step.set]
+            .iter()
+            .map(|&i| {
+                let limit = self.limits[i];
+                Item {
+                    algorithm: limit.algorithm,
+                    cost: step.cost.min(limit.algorithm.quota()),
+                    shadow: limit.shadow,
+                    id: i as u64 + 1,
+                    tag: tag(step.who),
+                }
+            })
+            .collect()
+    }
+
+    fn run(&self, backends: &Backends, base: Micros) -> Result<(), String> {
+        let mut trio = backends.fresh();
+        let start = base + self.offset;
+        backends.runtime.block_on(async {
+            let mut now = start;
+            for (n, step) in self.steps.iter().enumerate() {
+                now += step.dt;
+                let items = self.items(step);
+                trio.decide(&items, now).await.map_err(|e| {
+                    format!(
+                        "step {n} at start + {} µs (absolute {now}): {}\n{e}",
+                        now - start,
+                        show_items(&items)
+                    )
+                })?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A window or period: mostly round ones, some arbitrary, a few shorter than a millisecond.
+fn window() -> impl Strategy<Value = Micros> {
+    prop_oneof![
+        3 => select(&ROUND_WINDOWS[..]),
+        2 => MS..=2 * SEC,
+        1 => 1..MS,
+    ]
+}
+
+fn quota() -> impl Strategy<Value = u64> {
+    1..=6u64
+}
+
+fn fixed_window() -> BoxedStrategy<Algorithm> {
+    (quota(), window())
+        .prop_map(|(quota, window)| Algorithm::FixedWindow { quota, window })
+        .boxed()
+}
+
+fn sliding_window() -> BoxedStrategy<Algorithm> {
+    (quota(), window())
+        .prop_map(|(quota, window)| Algorithm::SlidingWindow { quota, window })
+        .boxed()
+}
+
+fn sliding_log() -> BoxedStrategy<Algorithm> {
+    // At most one unit per µs of the window (policy validation).
+    (quota(), window())
+        .prop_map(|(quota, window)| Algorithm::SlidingLog {
+            quota,
+            window: window.max(quota),
+        })
+        .boxed()
+}
+
+fn token_bucket() -> BoxedStrategy<Algorithm> {
+    // `count` per `period`, reduced by gcd as policy validation does.
+    (quota(), 1..=12u64, window())
+        .prop_map(|(burst, count, period)| {
+            let g = gcd(count, period);
+            Algorithm::TokenBucket {
+                burst,
+                refill: count / g,
+                unit: period / g,
+            }
+        })
+        .boxed()
+}
+
+fn gcra() -> BoxedStrategy<Algorithm> {
+    let interval = prop_oneof![
+        2 => select(&ROUND_WINDOWS[..]),
+        1 => 1..=20u64,
+        1 => 20..=2_000u64,
+        2 => 2_000..=500_000u64,
+    ];
+    (quota(), interval)
+        .prop_map(|(burst, interval)| Algorithm::Gcra { burst, interval })
+        .boxed()
+}
+
+fn any_algorithm() -> BoxedStrategy<Algorithm> {
+    prop_oneof![
+        fixed_window(),
+        sliding_window(),
+        sliding_log(),
+        token_bucket(),
+        gcra()
+    ]
+    .boxed()
+}
+
+/// Time between requests: often none or a few µs, sometimes whole windows.
+fn dt() -> impl Strategy<Value = Micros> {
+    prop_oneof![
+        3 => Just(0),
+        5 => 1..MS,
+        3 => MS..200 * MS,
+        2 => 200 * MS..3 * SEC,
+        1 => 3 * SEC..30 * SEC,
+    ]
+}
+
+fn cost() -> impl Strategy<Value = u64> {
+    prop_oneof![4 => Just(1u64), 2 => 2..=3u64, 1 => 4..=6u64]
+}
+
+/// `pool` limits drawn from `algorithms` (each shadow with probability `shadow`), up to three
+/// sets of up to `per_request` of them, up to 40 requests.
+fn case(
+    algorithms: BoxedStrategy<Algorithm>,
+    pool: usize,
+    per_request: usize,
+    shadow: f64,
+) -> impl Strategy<Value = Case> {
+    let limit = (algorithms, prop::bool::weighted(shadow))
+        .prop_map(|(algorithm, shadow)| Limit { algorithm, shadow });
+    let step = (dt(), 0..3u8, any::<Index>(), cost());
+    (
+        0..10 * SEC,
+        prop::collection::vec(limit, 1..=pool),
+        prop::collection::vec(
+            prop::collection::vec(any::<Index>(), 1..=per_request),
+            1..=3,
+        ),
+        prop::collection::vec(step, 1..=40),
+    )
+        .prop_map(|(offset, limits, sets, steps)| {
+            let sets: Vec<Vec<usize>> = sets
+                .iter()
+                .map(|set| {
+                    let mut chosen = Vec::new();
+                    for index in set {
+                        let i = index.index(limits.len());
+                        if !chosen.contains(&i) {
+                            chosen.push(i);
+                        }
+                    }
+                    chosen
+                })
+                .collect();
+            let steps = steps
+                .into_iter()
+                .map(|(dt, who, set, cost)| Step {
+                    dt,
+                    who,
+                    set: set.index(sets.len()),
+                    cost,
+                })
+                .collect();
+            Case {
+                offset,
+                limits,
+                sets,
+                steps,
+            }
+        })
+}
+
+/// Runs `cases` random cases of `strategy` against one redis-server.
+fn agree_on_random_cases(strategy: impl Strategy<Value = Case>, cases: u32) {
+    let backends = Backends::start();
+    let base = start_time(SEC);
+    let config = ProptestConfig {
+        cases,
+        // tests/model.proptest-regressions, next to this file.
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(case in strategy)| {
+        if let Err(e) = case.run(&backends, base) {
+            return Err(TestCaseError::fail(e));
+        }
+    });
+}
+
+#[test]
+fn fixed_window_stores_agree_with_the_model() {
+    agree_on_random_cases(case(fixed_window(), 3, 2, 0.2), 96);
+}
+
+#[test]
+fn sliding_window_stores_agree_with_the_model() {
+    agree_on_random_cases(case(sliding_window(), 3, 2, 0.2), 96);
+}
+
+#[test]
+fn sliding_log_stores_agree_with_the_model() {
+    agree_on_random_cases(case(sliding_log(), 3, 2, 0.2), 96);
+}
+
+#[test]
+fn token_bucket_stores_agree_with_the_model() {
+    agree_on_random_cases(case(token_bucket(), 3, 2, 0.2), 96);
+}
+
+#[test]
+fn gcra_stores_agree_with_the_model() {
+    agree_on_random_cases(case(gcra(), 3, 2, 0.2), 96);
+}
+
+/// Requests facing several algorithms at once, some limits in shadow mode: all-or-nothing.
+#[test]
+fn mixed_requests_agree_with_the_model() {
+    agree_on_random_cases(case(any_algorithm(), 4, 3, 0.3), 128);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pinned cases.
+
+/// Units admitted in the same microsecond take the following microseconds (timestamps stay
+/// distinct), so they leave the window one by one, µs after µs.
+#[test]
+fn sliding_log_same_microsecond_requests_with_cost_above_one() {
+    let backends = Backends::start();
+    let t = start_time(SEC);
+    let log = Algorithm::SlidingLog {
+        quota: 6,
+        window: 10,
+    };
+    let at = |dt: Micros, cost: u64| (t + dt, vec![item(log, cost)]);
+    let requests = vec![
+        at(0, 2),  // units at t, t+1
+        at(0, 2),  // t+2, t+3
+        at(0, 3),  // denied: 4 + 3 > 6
+        at(0, 2),  // t+4, t+5
+        at(1, 1),  // denied: the log's newest is t+5, nothing has left
+        at(10, 1), // t has left: t+10
+        at(11, 2), // t+1 has left, 5 + 2 > 6: denied
+        at(12, 2), // t+2 has left: t+12, t+13
+        at(12, 1), // the newest is t+13: the window ends there, t+3 has left: t+14
+        at(25, 6), // everything up to t+14 has left
+    ];
+    let decisions = backends.replay(&requests).unwrap_or_else(|e| panic!("{e}"));
+    let got: Vec<(bool, u64)> = decisions
+        .iter()
+        .map(|d| (d.outcomes[0].allowed, d.outcomes[0].remaining))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (true, 4),
+            (true, 2),
+            (false, 2),
+            (true, 0),
+            (false, 0),
+            (true, 0),
+            (false, 1),
+            (true, 0),
+            (true, 0),
+            (true, 0),
+        ]
+    );
+
+    // A window as short as the quota (one unit per µs), and a request whose other limit denies:
+    // the log is not charged, so the next request in the same µs still fits.
+    let tight = Algorithm::SlidingLog {
+        quota: 3,
+        window: 3,
+    };
+    let once = Algorithm::FixedWindow {
+        quota: 1,
+        window: SEC,
+    };
+    let both = |dt: Micros, cost: u64| {
+        let mut second = item(once, 1);
+        second.id = 2;
+        (t + dt, vec![item(tight, cost), second])
+    };
+    let requests = vec![
+        both(0, 2),                    // admitted: log t, t+1; window 1/1
+        both(0, 1),                    // window denies: log not charged
+        (t, vec![item(tight, 1)]),     // log alone: t+2
+        (t, vec![item(tight, 1)]),     // full
+        (t + 2, vec![item(tight, 2)]), // nothing has left yet
+        (t + 3, vec![item(tight, 2)]), // t has left, 2 + 2 > 3
+        (t + 4, vec![item(tight, 2)]), // t+1 has left too: t+4, t+5
+    ];
+    let decisions = backends.replay(&requests).unwrap_or_else(|e| panic!("{e}"));
+    let allowed: Vec<Vec<bool>> = decisions
+        .iter()
+        .map(|d| d.outcomes.iter().map(|o| o.allowed).collect())
+        .collect();
+    assert_eq!(
+        allowed,
+        [
+            vec![true, true],
+            vec![true, false],
+            vec![true],
+            vec![false],
+            vec![false],
+            vec![false],
+            vec![true],
+        ]
+    );
+}
+
+/// A bucket idle far longer than it takes to fill is full, never overfull, and the arithmetic
+/// does not overflow (the memory store has forgotten the key by then; Redis has not).
+#[test]
+fn token_bucket_idle_far_longer_than_its_fill_time() {
+    let backends = Backends::start();
+    let t = start_time(SEC);
+    // 7 per 3 ms, burst 3: refill 7 units per µs, a token is 3000 units.
+    let fast = Algorithm::TokenBucket {
+        burst: 3,
+        refill: 7,
+        unit: 3_000,
+    };
+    // 1 per 1000 s, burst 6.
+    let slow = Algorithm::TokenBucket {
+        burst: 6,
+        refill: 1,
+        unit: 1_000_000_000,
+    };
+    let gcra = Algorithm::Gcra {
+        burst: 4,
+        interval: 250 * MS,
+    };
+    for alg in [fast, slow, gcra] {
+        let burst = alg.quota();
+        let at = |now: Micros, cost: u64| (now, vec![item(alg, cost)]);
+        let requests = vec![
+            at(t, burst),
+            at(t + 1, 1),
+            at(t + 10 * SEC, burst),
+            at(t + 10 * SEC + 1, 1),
+            at(t + 10 * SEC + 1_000 * SEC, 1),
+            at(t + 10 * SEC + 1_000 * SEC + 5, 1),
+            // Decades later, still below 2^53 µs.
+            at(t + 3_000_000_000 * SEC, 1),
+            at(t + 3_000_000_000 * SEC, burst - 1),
+            at(t + 3_000_000_000 * SEC, 1),
+        ];
+        let decisions = backends
+            .replay(&requests)
+            .unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+        let remaining: Vec<Option<u64>> = decisions
+            .iter()
+            .map(|d| d.outcomes[0].allowed.then_some(d.outcomes[0].remaining))
+            .collect();
+        assert_eq!(remaining[0], Some(0), "{alg:?}");
+        assert_eq!(remaining[1], None, "{alg:?}");
+        assert_eq!(remaining[6], Some(burst - 1), "{alg:?}: full, not overfull");
+        assert_eq!(remaining[7], Some(0), "{alg:?}");
+        assert_eq!(remaining[8], None, "{alg:?}");
+    }
+    let slow_decisions = backends
+        .replay(&[
+            (t, vec![item(slow, 6)]),
+            (t + 10 * SEC, vec![item(slow, 1)]),
+            (t + 10 * SEC + 1_000 * SEC, vec![item(slow, 1)]),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!slow_decisions[1].admitted);
+    assert_eq!(slow_decisions[1].outcomes[0].retry_after, 990 * SEC);
+    assert!(slow_decisions[2].admitted);
+}
+
+/// Clock steps back when only admitted requests came before: every store keeps counting from the
+/// newest state written, and they agree.
+#[test]
+fn clock_step_back_after_admitted_requests() {
+    let backends = Backends::start();
+    let t = start_time(10 * SEC);
+    let scenarios: Vec<(&str, Algorithm, Vec<Micros>)> = vec![
+        (
+            "fixed_window",
+            Algorithm::FixedWindow {
+                quota: 2,
+                window: SEC,
+            },
+            vec![1_500 * MS, 500 * MS, 200 * MS, 1_700 * MS],
+        ),
+        (
+            "sliding_window",
+            Algorithm::SlidingWindow {
+                quota: 3,
+                window: SEC,
+            },
+            vec![1_500 * MS, 500 * MS, 200 * MS, 600 * MS, 2_100 * MS],
+        ),
+        (
+            "sliding_log",
+            Algorithm::SlidingLog {
+                quota: 2,
+                window: SEC,
+            },
+            vec![1_500 * MS, 500 * MS, 600 * MS, 2_600 * MS],
+        ),
+        (
+            "token_bucket",
+            Algorithm::TokenBucket {
+                burst: 2,
+                refill: 1,
+                unit: 100_000,
+            },
+            vec![500 * MS, 200 * MS, 300 * MS, 600 * MS, 650 * MS],
+        ),
+        (
+            "gcra",
+            Algorithm::Gcra {
+                burst: 2,
+                interval: 100 * MS,
+            },
+            vec![500 * MS, 200 * MS, 300 * MS, 600 * MS, 650 * MS],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, alg, times) in scenarios {
+        let requests: Vec<_> = times
+            .iter()
+            .map(|&dt| (t + dt, vec![item(alg, 1)]))
+            .collect();
+        if let Err(e) = backends.replay(&requests) {
+            failures.push(format!("{name}: {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// Clock steps back after a denied request. `check` normalises a state to `now` (rolls windows,
+/// refills buckets) and the memory store writes that back even when the request is denied; the
+/// Redis scripts write nothing on a denial (only sliding_log's trim). With a forward clock the
+/// difference is invisible; once the clock steps back, the stores decide differently.
+#[test]
+fn clock_step_back_after_a_denied_request() {
+    let backends = Backends::start();
+    let t = start_time(10 * SEC);
+    let bucket = Algorithm::TokenBucket {
+        burst: 2,
+        refill: 1,
+        unit: 100_000,
+    };
+    let sliding = Algorithm::SlidingWindow {
+        quota: 2,
+        window: SEC,
+    };
+    let log = Algorithm::SlidingLog {
+        quota: 2,
+        window: SEC,
+    };
+    let gcra = Algorithm::Gcra {
+        burst: 2,
+        interval: 100 * MS,
+    };
+    let fixed = Algorithm::FixedWindow {
+        quota: 1,
+        window: SEC,
+    };
+    let mut slow = item(
+        Algorithm::Gcra {
+            burst: 1,
+            interval: 10 * SEC,
+        },
+        1,
+    );
+    slow.id = 2;
+    let one = |dt: Micros, alg: Algorithm, cost: u64| (t + dt, vec![item(alg, cost)]);
+    let scenarios: Vec<(&str, Vec<Request>)> = vec![
+        (
+            "token_bucket: drained at t, denied at t+50ms (refilled to t+50ms), asked at t+20ms",
+            vec![
+                one(0, bucket, 2),
+                one(50 * MS, bucket, 1),
+                one(20 * MS, bucket, 1),
+            ],
+        ),
+        (
+            "sliding_window: 2 at t+100ms, denied at t+1.2s (window rolled), asked at t+900ms",
+            vec![
+                one(100 * MS, sliding, 2),
+                one(1_200 * MS, sliding, 2),
+                one(900 * MS, sliding, 1),
+            ],
+        ),
+        (
+            "fixed_window + gcra: admitted at t+500ms, denied by gcra at t+1.5s (window rolled), \
+             fixed_window alone at t+700ms",
+            vec![
+                (t + 500 * MS, vec![item(fixed, 1), slow]),
+                (t + 1_500 * MS, vec![item(fixed, 1), slow]),
+                one(700 * MS, fixed, 1),
+            ],
+        ),
+        (
+            "sliding_log: denied at t+1.2s (trimmed everywhere), asked at t+100ms",
+            vec![
+                one(0, log, 1),
+                one(500 * MS, log, 1),
+                one(1_200 * MS, log, 2),
+                one(100 * MS, log, 1),
+            ],
+        ),
+        (
+            "gcra: denied at t+50ms (nothing to normalise), asked at t+20ms",
+            vec![
+                one(0, gcra, 2),
+                one(50 * MS, gcra, 1),
+                one(20 * MS, gcra, 1),
+            ],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, requests) in scenarios {
+        if let Err(e) = backends.replay(&requests) {
+            failures.push(format!("{name}:\n{e}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 5 scenarios disagree:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+/// `retry_after` promises that the same request fits that long from now, and `reset` that the
+/// whole quota does. Units admitted in the same microsecond take the following microseconds, so a
+/// sliding_log's newest unit can be ahead of `now`; the three implementations agree, but measure
+/// both from that newest unit instead of from `now`, and the promise is broken by as many µs.
+#[test]
+fn sliding_log_retry_after_and_reset_hold_after_a_same_microsecond_burst() {
+    let backends = Backends::start();
+    let t = start_time(SEC);
+    let log = Algorithm::SlidingLog {
+        quota: 3,
+        window: SEC,
+    };
+    let burst = [(t, vec![item(log, 3)]), (t, vec![item(log, 1)])];
+    let decisions = backends.replay(&burst).unwrap_or_else(|e| panic!("{e}"));
+    let denied = decisions[1].outcomes[0];
+    assert!(!denied.allowed);
+
+    // The units sit at t, t+1 and t+2: the first leaves the window at t + 1 s, the last at
+    // t + 1 s + 2 µs.
+    let mut retry = burst.to_vec();
+    retry.push((t + denied.retry_after, vec![item(log, 1)]));
+    let retried = backends.replay(&retry).unwrap_or_else(|e| panic!("{e}"));
+    let mut reset = burst.to_vec();
+    reset.push((t + denied.reset, vec![item(log, 3)]));
+    let after_reset = backends.replay(&reset).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        retried[2].admitted && after_reset[2].admitted,
+        "denied at t with retry_after {} µs and reset {} µs (expected {} and {}); \
+         retried then: {}; whole quota at t + reset: {}",
+        denied.retry_after,
+        denied.reset,
+        SEC,
+        SEC + 2,
+        show(&retried[2]),
+        show(&after_reset[2])
+    );
+}
