@@ -4,6 +4,7 @@
 //!
 //! - [`server`]: accepts connections (TLS, HTTP/1.1, HTTP/2, upgrades), drains on shutdown.
 //! - [`pipeline`]: the life of one request, phase by phase, in one function.
+//! - [`framing`]: head checks beyond hyper's (Host, Transfer-Encoding): no smuggling.
 //! - [`route`]: the first route whose `match` fits (on a normalised path).
 //! - [`identity`]: the client IP (trusted-proxy walk) and the hashed identity of each limit.
 //! - [`limiter`]: all limits of the route decided together in one store call — the
@@ -16,11 +17,12 @@
 //! Around them: [`config`] parses and validates proxy.toml into a typed [`policy::Policy`];
 //! [`app`] holds the policy in force with its store and swaps it whole on reload; [`reload`]
 //! watches for SIGHUP and file changes; [`admin`] serves /healthz, /readyz and /metrics;
-//! [`tls`] builds the rustls acceptor; [`report`] renders `check`'s summary.
+//! [`tls`] builds the rustls acceptor; [`timeouts`] holds the stall timers hyper lacks; [`report`] renders `check`'s summary.
 
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod framing;
 pub mod identity;
 pub mod limiter;
 pub mod logging;
@@ -33,6 +35,7 @@ pub mod report;
 pub mod response;
 pub mod route;
 pub mod server;
+pub mod timeouts;
 pub mod tls;
 
 use std::future::Future;

@@ -5,11 +5,12 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use http::request::Parts;
-use http::{HeaderMap, Request, Response, Version, header};
+use http::{HeaderMap, Request, Response, header};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
 use crate::app::{App, Runtime};
+use crate::framing;
 use crate::identity::{self, Subject};
 use crate::limiter::{self, Decision, Item};
 use crate::logging::{self, Access};
@@ -40,18 +41,6 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Requests hyper passes but tollgate will not forward: HTTP/1.1 without exactly one Host.
-fn malformed(version: Version, headers: &HeaderMap) -> Option<&'static str> {
-    let hosts = headers.get_all(header::HOST).iter().count();
-    if hosts > 1 {
-        return Some("more than one Host header");
-    }
-    if version == Version::HTTP_11 && hosts == 0 {
-        return Some("HTTP/1.1 request without Host");
-    }
-    None
-}
-
 /// Content-Length when present and well formed.
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
@@ -71,13 +60,14 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
     let started = Instant::now();
     let mut access = Access::begin(&request, conn, rt.policy.server.access_log);
 
-    if let Some(problem) = malformed(request.version(), request.headers()) {
+    if let Err(e) = framing::check(request.version(), request.headers()) {
+        let status = e.status();
         app.metrics
             .unrouted
-            .get_or_create(&[("status", "400".into())])
+            .get_or_create(&[("status", status.as_str().into())])
             .inc();
-        access.finish(400, None, None);
-        return response::bad_request(problem);
+        access.finish(status.as_u16(), None, None);
+        return response::malformed(e);
     }
     let (parts, body) = request.into_parts();
     let found = rt.policy.route_for(&RequestView::new(&parts));
@@ -205,7 +195,9 @@ async fn forward(
     let host = route::request_host(&parts.uri, &parts.headers).and_then(|h| h.parse().ok());
     let upgrade = proxy::wants_upgrade(&parts.headers);
     let peer_trusted = identity::is_trusted(conn.peer.ip(), &server.trusted_proxies);
-    proxy::strip_hop_by_hop(&mut parts.headers, upgrade);
+    proxy::strip_hop_by_hop(&mut parts.headers, upgrade, &rt.policy.key_headers);
+    // The upstream request's framing is hyper's, computed from the body: never the client's.
+    parts.headers.remove(header::CONTENT_LENGTH);
     proxy::set_forwarding_headers(&mut parts.headers, conn, peer_trusted, host.as_ref());
     if let Some(host) = host
         && !parts.headers.contains_key(header::HOST)
@@ -213,13 +205,14 @@ async fn forward(
         // HTTP/2 carries the host as :authority; HTTP/1.1 upstreams need it as Host.
         parts.headers.insert(header::HOST, host);
     }
-    let (body, exceeded) = RequestBody::new(body, server.max_body);
+    let (body, watch) = RequestBody::new(body, server.max_body, server.body_idle_timeout);
     app.forwarder
         .forward(
             &route.upstream,
             Request::from_parts(parts, body),
-            &exceeded,
+            &watch,
             server.max_body,
+            server.upgrade_idle_timeout,
         )
         .await
 }
@@ -230,5 +223,6 @@ fn proxy_error(e: &ProxyError) -> Response<Body> {
         ProxyError::Connect(_) | ProxyError::Upstream(..) => response::bad_gateway(&e.to_string()),
         ProxyError::Timeout(..) => response::gateway_timeout(&e.to_string()),
         ProxyError::BodyTooLarge(max) => response::payload_too_large(*max),
+        ProxyError::BodyIdle => response::request_timeout(),
     }
 }

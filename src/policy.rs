@@ -24,6 +24,8 @@ pub struct Policy {
     pub store: StoreSettings,
     pub upstreams: Vec<Arc<Upstream>>,
     pub routes: Vec<Route>,
+    /// Every header some limit is keyed by: a `Connection` nomination cannot strip them.
+    pub key_headers: Vec<HeaderName>,
     /// blake3 of the file's bytes, hex: shown by `check` and as a metric label.
     pub source_hash: String,
 }
@@ -45,6 +47,14 @@ pub struct Server {
     pub access_log: bool,
     /// Reload when the config file's content changes (SIGHUP always reloads).
     pub watch_config: bool,
+    /// A request body that sends nothing for this long is answered 408.
+    pub body_idle_timeout: Duration,
+    /// A client that accepts no response bytes for this long is disconnected.
+    pub send_timeout: Duration,
+    /// An upgraded (WebSocket) connection with no bytes either way for this long is closed.
+    pub upgrade_idle_timeout: Duration,
+    /// Open client connections at most; at the limit tollgate stops accepting until one closes.
+    pub max_connections: usize,
 }
 
 /// `[server.tls]`.

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,6 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::policy::{Target, Upstream};
+use crate::timeouts::{Activity, StallTimer, Tracked};
 
 /// Why a request could not be forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,8 @@ pub enum ProxyError {
     Upstream(String, String),
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(u64),
+    #[error("request body stalled")]
+    BodyIdle,
 }
 
 /// Facts about the client connection a request arrived on.
@@ -50,14 +53,13 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Headers a `Connection` nomination may not remove: message framing and routing must stay
-/// what tollgate decided on. (Headers used for limit keys were read before forwarding, so
-/// removing them only affects what the upstream sees, which is the client's right.)
-fn protected(name: &HeaderName) -> bool {
+/// Headers a `Connection` nomination may not remove: framing and routing stay what tollgate
+/// decided on, and a header a limit is keyed by reaches the upstream as it was counted.
+fn protected(name: &HeaderName, key_headers: &[HeaderName]) -> bool {
     matches!(
         *name,
         header::HOST | header::CONTENT_LENGTH | header::TRANSFER_ENCODING
-    )
+    ) || key_headers.contains(name)
 }
 
 /// Whether the request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
@@ -71,16 +73,17 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// Removes hop-by-hop headers: the fixed list and whatever `Connection` names.
-/// `keep_upgrade` keeps `Upgrade` (and sets `Connection: upgrade`) for a protocol switch.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+/// Removes hop-by-hop headers: the fixed list and whatever `Connection` names (except the
+/// [`protected`] ones). `keep_upgrade` keeps `Upgrade` (and sets `Connection: upgrade`) for a
+/// protocol switch.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, key_headers: &[HeaderName]) {
     let nominated: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !protected(n))
+        .filter(|n| !protected(n, key_headers))
         .collect();
     for name in nominated {
         if keep_upgrade && name == header::UPGRADE {
@@ -157,12 +160,37 @@ pub fn set_forwarding_headers(
     append_via(headers);
 }
 
-/// The request body as forwarded: the client's body, failing once it passes `max_body`.
+/// What went wrong with a request body on its way to the upstream, shared between the body
+/// (which sees it) and the forwarder (which turns it into a response).
+#[derive(Clone, Default)]
+pub struct BodyWatch(Arc<AtomicU8>); // 0: no fault
+
+const BODY_TOO_LARGE: u8 = 1;
+const BODY_IDLE: u8 = 2;
+
+impl BodyWatch {
+    fn set(&self, fault: u8) {
+        self.0.store(fault, Ordering::Relaxed);
+    }
+
+    /// The fault as a forwarding error, if there was one.
+    fn fault(&self, max_body: u64) -> Option<ProxyError> {
+        match self.0.load(Ordering::Relaxed) {
+            BODY_TOO_LARGE => Some(ProxyError::BodyTooLarge(max_body)),
+            BODY_IDLE => Some(ProxyError::BodyIdle),
+            _ => None,
+        }
+    }
+}
+
+/// The request body as forwarded: the client's body, failing once it passes `max_body` or
+/// sends nothing for the body idle timeout (counted only while the upstream is asking for it).
 pub struct RequestBody {
     inner: Incoming,
     remaining: Option<u64>,
     max: u64,
-    exceeded: Arc<AtomicBool>,
+    idle: StallTimer,
+    watch: BodyWatch,
 }
 
 /// A request body passed `max_body` while streaming.
@@ -170,17 +198,27 @@ pub struct RequestBody {
 #[error("request body larger than {0} bytes")]
 pub struct TooLarge(pub u64);
 
+/// A request body stopped arriving.
+#[derive(Debug, thiserror::Error)]
+#[error("request body idle for longer than the body idle timeout")]
+pub struct BodyIdle;
+
 impl RequestBody {
-    pub fn new(inner: Incoming, max_body: Option<u64>) -> (RequestBody, Arc<AtomicBool>) {
-        let exceeded = Arc::new(AtomicBool::new(false));
+    pub fn new(
+        inner: Incoming,
+        max_body: Option<u64>,
+        idle_timeout: Duration,
+    ) -> (RequestBody, BodyWatch) {
+        let watch = BodyWatch::default();
         (
             RequestBody {
                 inner,
                 remaining: max_body,
                 max: max_body.unwrap_or(u64::MAX),
-                exceeded: exceeded.clone(),
+                idle: StallTimer::new(idle_timeout),
+                watch: watch.clone(),
             },
-            exceeded,
+            watch,
         )
     }
 }
@@ -196,10 +234,11 @@ impl HttpBody for RequestBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                this.idle.progress();
                 if let (Some(remaining), Some(data)) = (this.remaining.as_mut(), frame.data_ref()) {
                     let n = data.len() as u64;
                     if n > *remaining {
-                        this.exceeded.store(true, Ordering::Relaxed);
+                        this.watch.set(BODY_TOO_LARGE);
                         return Poll::Ready(Some(Err(Box::new(TooLarge(this.max)))));
                     }
                     *remaining -= n;
@@ -208,6 +247,10 @@ impl HttpBody for RequestBody {
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
             Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending if this.idle.poll_expired(cx) => {
+                this.watch.set(BODY_IDLE);
+                Poll::Ready(Some(Err(Box::new(BodyIdle))))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -257,8 +300,9 @@ impl Forwarder {
         &self,
         upstream: &Upstream,
         mut request: Request<RequestBody>,
-        exceeded: &AtomicBool,
+        watch: &BodyWatch,
         max_body: Option<u64>,
+        upgrade_idle: Duration,
     ) -> Result<Response<Incoming>, ProxyError> {
         let target: &Target = upstream.pick();
         let path = request
@@ -289,8 +333,8 @@ impl Forwarder {
                 ));
             }
             Ok(Err(e)) => {
-                if exceeded.load(Ordering::Relaxed) {
-                    return Err(ProxyError::BodyTooLarge(max_body.unwrap_or(0)));
+                if let Some(fault) = watch.fault(max_body.unwrap_or(0)) {
+                    return Err(fault);
                 }
                 if e.is_connect() {
                     return Err(ProxyError::Connect(target.authority.to_string()));
@@ -302,29 +346,48 @@ impl Forwarder {
             }
             Ok(Ok(r)) => r,
         };
-        if exceeded.load(Ordering::Relaxed) {
-            return Err(ProxyError::BodyTooLarge(max_body.unwrap_or(0)));
+        if let Some(fault) = watch.fault(max_body.unwrap_or(0)) {
+            return Err(fault);
         }
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching && let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(splice(client_upgrade, upstream_upgrade));
+            tokio::spawn(splice(client_upgrade, upstream_upgrade, upgrade_idle));
         }
-        strip_hop_by_hop(response.headers_mut(), switching);
+        strip_hop_by_hop(response.headers_mut(), switching, &[]);
         append_via(response.headers_mut());
         Ok(response)
     }
 }
 
-/// Copies bytes both ways between an upgraded client and upstream until either side closes.
-async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// Copies bytes both ways between an upgraded client and upstream until either side closes or
+/// nothing moves either way for `idle`.
+async fn splice(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    idle: Duration,
+) {
     let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else {
         return;
     };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(error = %e, "upgraded connection ended");
+    let activity = Activity::default();
+    let mut client = Tracked {
+        inner: TokioIo::new(client),
+        activity: activity.clone(),
+    };
+    let mut upstream = Tracked {
+        inner: TokioIo::new(upstream),
+        activity: activity.clone(),
+    };
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "upgraded connection ended");
+            }
+        }
+        () = activity.idle_for(idle) => {
+            tracing::debug!(?idle, "upgraded connection idle: closed");
+        }
     }
 }
 
@@ -369,7 +432,7 @@ mod tests {
             ("content-length", "5"),
             ("x-keep", "yes"),
         ]);
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, false, &[]);
         let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
         left.sort();
         assert_eq!(left, ["content-length", "host", "x-keep"], "{left:?}");
@@ -379,7 +442,7 @@ mod tests {
     fn upgrade_survives_for_a_protocol_switch() {
         let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
         assert!(wants_upgrade(&h));
-        strip_hop_by_hop(&mut h, true);
+        strip_hop_by_hop(&mut h, true, &[]);
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
     }

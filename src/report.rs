@@ -166,21 +166,6 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact("redis://u:secret@h:6379/0"),
-            "redis://u:***@h:6379/0"
-        );
-        assert_eq!(redact("rediss://:secret@h"), "rediss://:***@h");
-        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
-    }
-}
-
 /// What `tollgate explain` says about one request: the route, the client IP, each limit with
 /// the key it would use (hashed, as stored) and, when the store is Redis and answers, each
 /// limit's current budget. Nothing is consumed.
@@ -359,5 +344,20 @@ fn describe_source(
                 format!("query {name} absent: counted under ip {ip}")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("redis://u:secret@h:6379/0"),
+            "redis://u:***@h:6379/0"
+        );
+        assert_eq!(redact("rediss://:secret@h"), "rediss://:***@h");
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
     }
 }

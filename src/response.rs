@@ -115,9 +115,32 @@ pub fn payload_too_large(max: u64) -> Response<Body> {
     )
 }
 
-/// 400 for a request tollgate will not forward; no body beyond the problem document.
-pub fn bad_request(detail: &str) -> Response<Body> {
-    problem(StatusCode::BAD_REQUEST, "bad-request", detail, &[])
+/// 400 (or 501 for an unsupported transfer coding): a request head tollgate will not forward.
+/// The connection is closed after it: its framing cannot be trusted.
+pub fn malformed(e: crate::framing::FramingError) -> Response<Body> {
+    let status = e.status();
+    let kind = if status == StatusCode::NOT_IMPLEMENTED {
+        "not-implemented"
+    } else {
+        "bad-request"
+    };
+    let mut r = problem(status, kind, &e.to_string(), &[]);
+    r.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// 408: the client stopped sending its body.
+pub fn request_timeout() -> Response<Body> {
+    let mut r = problem(
+        StatusCode::REQUEST_TIMEOUT,
+        "request-timeout",
+        "The request body stalled longer than the body idle timeout.",
+        &[],
+    );
+    r.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 /// 500: tollgate's own fault.
@@ -337,7 +360,12 @@ mod tests {
             (bad_gateway("x"), 502),
             (gateway_timeout("x"), 504),
             (payload_too_large(5), 413),
-            (bad_request("x"), 400),
+            (malformed(crate::framing::FramingError::NoHost), 400),
+            (
+                malformed(crate::framing::FramingError::UnsupportedCoding),
+                501,
+            ),
+            (request_timeout(), 408),
         ] {
             assert_eq!(r.status(), status);
             let body = r.into_body().collect().await.unwrap().to_bytes();

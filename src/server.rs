@@ -13,7 +13,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+use crate::timeouts::WriteStall;
 
 use crate::app::App;
 use crate::pipeline;
@@ -22,20 +26,61 @@ use crate::proxy::ConnInfo;
 /// How long a TLS client may take to finish its handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Open connections, and a wake-up for the accept loop when one closes.
+#[derive(Default)]
+struct Capacity {
+    open: AtomicUsize,
+    freed: Notify,
+}
+
+/// Counts one connection for as long as it lives.
+struct Slot(Arc<Capacity>, Arc<App>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+        self.1.metrics.open_connections.dec();
+    }
+}
+
+impl Capacity {
+    /// Waits until fewer than `max` connections are open. At the limit tollgate stops
+    /// accepting: new clients wait in the kernel's listen backlog (as with HAProxy's maxconn)
+    /// instead of being accepted and dropped.
+    async fn room(&self, max: usize) {
+        loop {
+            let freed = self.freed.notified();
+            if self.open.load(Ordering::Acquire) < max {
+                return;
+            }
+            freed.await;
+        }
+    }
+}
+
 /// Serves `listener` until `shutdown` resolves, then drains.
 pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
+    let capacity = Arc::new(Capacity::default());
     tokio::pin!(shutdown);
     loop {
+        let max = app.runtime().policy.server.max_connections;
+        tokio::select! {
+            () = capacity.room(max) => {}
+            () = &mut shutdown => break,
+        }
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    capacity.open.fetch_add(1, Ordering::AcqRel);
+                    app.metrics.open_connections.inc();
+                    let slot = Slot(capacity.clone(), app.clone());
                     let app = app.clone();
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
-                        app.metrics.open_connections.inc();
-                        connection(app.clone(), stream, peer, watcher).await;
-                        app.metrics.open_connections.dec();
+                        connection(app, stream, peer, watcher).await;
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -86,7 +131,10 @@ async fn connection(
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let _ = stream.set_nodelay(true);
-    let tls = app.runtime().tls.clone();
+    let rt = app.runtime();
+    let tls = rt.tls.clone();
+    let stream = WriteStall::new(stream, rt.policy.server.send_timeout);
+    drop(rt);
     let scheme = if tls.is_some() {
         Scheme::HTTPS
     } else {

@@ -38,6 +38,10 @@ pub struct RawServer {
     pub tls: Option<S<RawTls>>,
     pub access_log: Option<bool>,
     pub watch_config: Option<bool>,
+    pub body_idle_timeout: Option<S<String>>,
+    pub send_timeout: Option<S<String>>,
+    pub upgrade_idle_timeout: Option<S<String>>,
+    pub max_connections: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -120,11 +120,23 @@ pub fn validate(
     let upstreams = upstreams(&mut v, &raw.upstreams);
     let routes = routes(&mut v, &raw.routes, &upstreams);
     if v.errors.is_empty() {
+        let mut key_headers: Vec<HeaderName> = Vec::new();
+        for source in routes
+            .iter()
+            .flat_map(|r| r.keys.iter().flat_map(|k| k.0.iter()))
+        {
+            if let KeySource::Header(name) = source
+                && !key_headers.contains(name)
+            {
+                key_headers.push(name.clone());
+            }
+        }
         Ok(Policy {
             server,
             store,
             upstreams: upstreams.into_values().collect(),
             routes,
+            key_headers,
             source_hash: blake3::hash(source.as_bytes()).to_hex()[..16].to_string(),
         })
     } else {
@@ -247,6 +259,24 @@ fn server(v: &mut Validator, raw: &S<RawServer>) -> Server {
         tls,
         access_log: s.access_log.unwrap_or(false),
         watch_config: s.watch_config.unwrap_or(true),
+        body_idle_timeout: v.positive_duration(&s.body_idle_timeout, Duration::from_secs(30)),
+        send_timeout: v.positive_duration(&s.send_timeout, Duration::from_secs(60)),
+        upgrade_idle_timeout: v
+            .positive_duration(&s.upgrade_idle_timeout, Duration::from_secs(300)),
+        max_connections: match &s.max_connections {
+            None => 10_000,
+            Some(m) if *m.get_ref() >= 1 => *m.get_ref() as usize,
+            Some(m) => {
+                v.error(
+                    m.span(),
+                    format!(
+                        "invalid max_connections {}; expected at least 1",
+                        m.get_ref()
+                    ),
+                );
+                10_000
+            }
+        },
     }
 }
 
