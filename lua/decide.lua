@@ -11,8 +11,10 @@
 --          codes: 1 fixed_window, 2 sliding_window, 3 sliding_log, 4 token_bucket, 5 gcra;
 --          p1..p3 as each algorithm file says; shadow 1 for a limit that measures but never
 --          rejects (mode = "shadow"), else 0.
--- Reply    { admitted 1|0, then for each limit i: allowed 1|0, remaining, reset us, retry us },
---          integers only.
+-- Reply    { admitted 1|0, then for each limit i: allowed 1|0, remaining, reset us, retry us,
+--          receipt }, integers only. The receipt identifies what a commit added (see each
+--          algorithm's *_refund), for giving it back when another cluster slot rejects.
+-- Rejections by "peek" return the same reply; nothing is committed either way.
 -- A request is admitted only if every enforced limit allows it; only then is any state written
 -- (for each limit that allowed: a shadow limit that would have rejected is not charged), so a
 -- rejected request consumes nothing. (Expired sliding_log members are trimmed either way: that
@@ -46,5 +48,6 @@ for i = 1, #KEYS do
   reply[#reply + 1] = r[2]
   reply[#reply + 1] = r[3]
   reply[#reply + 1] = r[4]
+  reply[#reply + 1] = r[6]
 end
 return reply

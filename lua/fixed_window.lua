@@ -3,7 +3,8 @@
 --
 -- KEY    a hash { i = window number (floor(now / window)), n = units admitted in it }.
 -- ARGV   (the limit's slot in decide.lua) p1 = quota, p2 = window us, p3 unused.
--- Result { allowed 1|0, remaining units, reset us (end of window), retry_after us, commit }.
+-- Result { allowed 1|0, remaining units, reset us (end of window), retry_after us, commit,
+--          receipt = the window number (what fixed_window_refund needs) }.
 -- TTL    until the window ends, plus the slack: a later window starts from zero anyway.
 -- A clock that steps back keeps counting in the newest window seen (never reopens a window).
 -- Trade-off: constant memory, but up to 2 x quota can pass around a window edge.
@@ -24,9 +25,20 @@ local function fixed_window(key, now, quota, window, _, cost)
     return { 1, quota - count - cost, reset, 0, function()
       redis.call('HSET', key, 'i', index, 'n', count + cost)
       expire_in(key, (index + 1) * window - now)
-    end }
+    end, index }
   end
   local remaining = quota - count
   if remaining < 0 then remaining = 0 end
-  return { 0, remaining, reset, reset, nil }
+  return { 0, remaining, reset, reset, nil, 0 }
+end
+
+-- Gives back `cost` units admitted in window `receipt` (Redis Cluster: another slot of the same
+-- request rejected it). A window that has moved on has nothing to give back.
+local function fixed_window_refund(key, receipt, _quota, _window, _unused, cost)
+  local s = redis.call('HMGET', key, 'i', 'n')
+  if s[1] and tonumber(s[1]) == receipt then
+    local n = tonumber(s[2]) - cost
+    if n < 0 then n = 0 end
+    redis.call('HSET', key, 'n', n)
+  end
 end

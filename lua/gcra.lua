@@ -3,7 +3,8 @@
 --
 -- KEY    a string: the theoretical arrival time (TAT) of the next cell, in us.
 -- ARGV   (the limit's slot in decide.lua) p1 = burst, p2 = interval us, p3 unused.
--- Result { allowed 1|0, remaining cells, reset us (TAT reaches now), retry_after us, commit }.
+-- Result { allowed 1|0, remaining cells, reset us (TAT reaches now), retry_after us, commit,
+--          receipt 0 }.
 -- TTL    until the TAT, plus the slack: a TAT in the past equals a missing key.
 -- Trade-off: one integer per key, the least memory of all; same behaviour as token_bucket.
 local function gcra(key, now, burst, interval, _, cost)
@@ -16,9 +17,16 @@ local function gcra(key, now, burst, interval, _, cost)
     return { 1, math.floor((tolerance - (nxt - now)) / interval), nxt - now, 0, function()
       redis.call('SET', key, string.format('%d', nxt), 'PX',
         math.ceil((nxt - now + TTL_SLACK_US) / 1000))
-    end }
+    end, 0 }
   end
   local room = tolerance - (start - now)
   if room < 0 then room = 0 end
-  return { 0, math.floor(room / interval), start - now, nxt - now - tolerance, nil }
+  return { 0, math.floor(room / interval), start - now, nxt - now - tolerance, nil, 0 }
+end
+
+-- Moves the TAT back by the cells an admission took.
+local function gcra_refund(key, _receipt, _burst, interval, _unused, cost)
+  local tat = tonumber(redis.call('GET', key))
+  if tat == nil then return end
+  redis.call('SET', key, string.format('%d', tat - cost * interval), 'KEEPTTL')
 end

@@ -7,7 +7,8 @@
 -- ARGV   (the limit's slot in decide.lua) p1 = quota, p2 = window us, p3 unused.
 -- Result { allowed 1|0, remaining units, reset us (newest unit leaves the window),
 --          retry_after us (the unit that must leave for `cost` to fit leaves), commit };
---          both measured from `now`: units of one burst may be stamped a few us ahead of it.
+--          both measured from `now`: units of one burst may be stamped a few us ahead of it;
+--          receipt = the first stamp added (the units are receipt .. receipt + cost - 1).
 -- TTL    until the newest unit leaves the window, plus the slack.
 -- A clock that steps back counts from the newest timestamp stored.
 -- With `peek` nothing is written: expired members are counted out instead of trimmed.
@@ -44,7 +45,7 @@ local function sliding_log(key, now, quota, window, _, cost, peek)
       end
       if #args > 0 then redis.call('ZADD', key, unpack(args)) end
       expire_in(key, final + window - now)
-    end }
+    end, first }
   end
   local needed = count + cost - quota
   local oldest = redis.call('ZRANGE', key, expired + needed - 1, expired + needed - 1, 'WITHSCORES')
@@ -52,5 +53,18 @@ local function sliding_log(key, now, quota, window, _, cost, peek)
   local remaining = quota - count
   if remaining < 0 then remaining = 0 end
   return { 0, remaining, tonumber(newest_now[2]) + window - now,
-           tonumber(oldest[2]) + window - now, nil }
+           tonumber(oldest[2]) + window - now, nil, 0 }
+end
+
+-- Removes the `cost` stamps an admission added, starting at `receipt`.
+local function sliding_log_refund(key, receipt, _quota, _window, _unused, cost)
+  local members = {}
+  for t = receipt, receipt + cost - 1 do
+    members[#members + 1] = string.format('%d', t)
+    if #members >= 1000 then
+      redis.call('ZREM', key, unpack(members))
+      members = {}
+    end
+  end
+  if #members > 0 then redis.call('ZREM', key, unpack(members)) end
 end

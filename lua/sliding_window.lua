@@ -6,7 +6,8 @@
 --
 -- KEY    a hash { i = current window number, c = its count, p = previous window's count }.
 -- ARGV   (the limit's slot in decide.lua) p1 = quota, p2 = window us, p3 unused.
--- Result { allowed 1|0, remaining units, reset us, retry_after us, commit }.
+-- Result { allowed 1|0, remaining units, reset us, retry_after us, commit,
+--          receipt = the window number the units went into }.
 -- TTL    until the end of the window after the current one (the current count weighs on it),
 --        plus the slack.
 -- The weighting uses ceil(previous * (window - elapsed) / window) evaluated in doubles, left to
@@ -40,7 +41,7 @@ local function sliding_window(key, now, quota, window, _, cost)
     return { 1, quota - estimate - cost, reset, 0, function()
       redis.call('HSET', key, 'i', index, 'c', current + cost, 'p', previous)
       expire_in(key, (index + 2) * window - now)
-    end }
+    end, index }
   end
   local reset = 0
   if current > 0 then
@@ -70,5 +71,23 @@ local function sliding_window(key, now, quota, window, _, cost)
   end
   local remaining = quota - estimate
   if remaining < 0 then remaining = 0 end
-  return { 0, remaining, reset, retry, nil }
+  return { 0, remaining, reset, retry, nil, 0 }
+end
+
+-- Gives back `cost` units admitted in window `receipt`, wherever that window now sits.
+local function sliding_window_refund(key, receipt, _quota, _window, _unused, cost)
+  local s = redis.call('HMGET', key, 'i', 'c', 'p')
+  if not s[1] then return end
+  local index = tonumber(s[1])
+  local field, value
+  if index == receipt then
+    field, value = 'c', tonumber(s[2])
+  elseif index == receipt + 1 then
+    field, value = 'p', tonumber(s[3])
+  else
+    return
+  end
+  value = value - cost
+  if value < 0 then value = 0 end
+  redis.call('HSET', key, field, value)
 end

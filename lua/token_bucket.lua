@@ -5,7 +5,7 @@
 -- KEY    a hash { l = level in units, t = time of that level in us }.
 -- ARGV   (the limit's slot in decide.lua) p1 = burst, p2 = refill, p3 = unit.
 -- Result { allowed 1|0, remaining whole tokens, reset us (bucket full again),
---          retry_after us (enough tokens for `cost`), commit }.
+--          retry_after us (enough tokens for `cost`), commit, receipt 0 }.
 -- TTL    until the bucket is full again, plus the slack: a full bucket equals a missing key.
 -- Trade-off: constant memory; admits `burst` at once, then the rate.
 local function token_bucket(key, now, burst, refill, unit, cost)
@@ -33,8 +33,17 @@ local function token_bucket(key, now, burst, refill, unit, cost)
     return { 1, math.floor(after / unit), reset, 0, function()
       redis.call('HSET', key, 'l', after, 't', base)
       expire_in(key, base + reset - now)
-    end }
+    end, 0 }
   end
   return { 0, math.floor(level / unit), math.ceil((capacity - level) / refill),
-           math.ceil((need - level) / refill), nil }
+           math.ceil((need - level) / refill), nil, 0 }
+end
+
+-- Puts `cost` tokens back (never above the burst).
+local function token_bucket_refund(key, _receipt, burst, _refill, unit, cost)
+  local level = tonumber(redis.call('HGET', key, 'l'))
+  if level == nil then return end
+  level = level + cost * unit
+  if level > burst * unit then level = burst * unit end
+  redis.call('HSET', key, 'l', level)
 end

@@ -140,6 +140,8 @@ impl Runtime {
             limiter: Limiter {
                 store,
                 timeout: policy.store.timeout(),
+                denials: Default::default(),
+                metrics: metrics.limiter(),
             },
             policy,
             route_metrics,

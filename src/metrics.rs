@@ -75,6 +75,8 @@ pub struct Metrics {
     store_errors: Family<Labels1, Counter>,
     /// Requests tollgate answered before routing (404, 400).
     pub unrouted: Family<Labels1, Counter>,
+    pub local_denials: Counter,
+    pub circuit_open: Gauge,
 }
 
 fn store_histogram() -> Histogram {
@@ -111,6 +113,18 @@ impl Metrics {
         let config_info = Family::<Labels1, Gauge>::default();
         let store_errors = Family::<Labels1, Counter>::default();
         let unrouted = Family::<Labels1, Counter>::default();
+        let local_denials = Counter::default();
+        let circuit_open = Gauge::default();
+        registry.register(
+            "tollgate_local_denials",
+            "Requests rejected from the local over-limit cache, without a store call",
+            local_denials.clone(),
+        );
+        registry.register(
+            "tollgate_store_circuit_open",
+            "1 while the store circuit breaker is open (decisions fail fast)",
+            circuit_open.clone(),
+        );
         registry.register(
             "tollgate_requests",
             "Requests by route and limiter decision",
@@ -177,6 +191,8 @@ impl Metrics {
             config_info,
             store_errors,
             unrouted,
+            local_denials,
+            circuit_open,
         }
     }
 
@@ -218,10 +234,13 @@ impl Metrics {
             .get_or_create_owned(&[("backend", backend.to_string())])
     }
 
-    pub fn store_error(&self, kind: &'static str) {
-        self.store_errors
-            .get_or_create(&[("kind", kind.to_string())])
-            .inc();
+    /// The handles the limiter records into.
+    pub fn limiter(&self) -> crate::limiter::LimiterMetrics {
+        crate::limiter::LimiterMetrics {
+            local_denials: self.local_denials.clone(),
+            circuit_open: self.circuit_open.clone(),
+            errors: self.store_errors.clone(),
+        }
     }
 
     pub fn reload(&self, ok: bool) {

@@ -85,32 +85,57 @@ impl HeaderStyle {
 /// The `[store]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreSettings {
-    Memory {
-        max_keys: usize,
-        timeout: Duration,
-    },
-    Redis {
-        url: String,
-        pool_size: u32,
-        timeout: Duration,
-        prefix: String,
-    },
+    Memory { max_keys: usize, timeout: Duration },
+    Redis(RedisSettings),
+}
+
+/// A value that must never be printed: `Debug` shows `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Where Redis is: one server, or the seed nodes of a Redis Cluster. URLs may carry
+/// credentials, so they are secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisNodes {
+    Single(Secret),
+    Cluster(Vec<Secret>),
+}
+
+/// `[store] backend = "redis"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    pub nodes: RedisNodes,
+    /// ACL user and password given apart from the URL (`username`, `password_env`).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// For `rediss://`: a CA bundle to trust instead of the system roots, and a client
+    /// certificate and key for mutual TLS.
+    pub tls_ca: Option<PathBuf>,
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+    pub pool_size: u32,
+    pub timeout: Duration,
+    pub prefix: String,
 }
 
 impl StoreSettings {
     /// The budget for one decision.
     pub fn timeout(&self) -> Duration {
         match self {
-            StoreSettings::Memory { timeout, .. } | StoreSettings::Redis { timeout, .. } => {
-                *timeout
-            }
+            StoreSettings::Memory { timeout, .. } => *timeout,
+            StoreSettings::Redis(r) => r.timeout,
         }
     }
 
     pub fn backend_name(&self) -> &'static str {
         match self {
             StoreSettings::Memory { .. } => "memory",
-            StoreSettings::Redis { .. } => "redis",
+            StoreSettings::Redis(_) => "redis",
         }
     }
 }

@@ -94,17 +94,19 @@ pub fn summary(policy: &Policy, file: &str) -> String {
                 format_duration(*timeout)
             );
         }
-        StoreSettings::Redis {
-            url,
-            pool_size,
-            timeout,
-            prefix,
-        } => {
-            let shown = redact(url);
+        StoreSettings::Redis(r) => {
             let _ = writeln!(
                 out,
-                "store redis {shown} (pool {pool_size}, timeout {}, prefix {prefix})",
-                format_duration(*timeout)
+                "store redis {} (pool {}, timeout {}, prefix {}{})",
+                describe_nodes(&r.nodes),
+                r.pool_size,
+                format_duration(r.timeout),
+                r.prefix,
+                if r.tls_ca.is_some() || r.tls_client.is_some() {
+                    ", TLS files set"
+                } else {
+                    ""
+                }
             );
         }
     }
@@ -150,6 +152,20 @@ pub fn summary(policy: &Policy, file: &str) -> String {
         );
     }
     out
+}
+
+/// Redis nodes as shown to people: passwords replaced by `***`.
+fn describe_nodes(nodes: &crate::policy::RedisNodes) -> String {
+    match nodes {
+        crate::policy::RedisNodes::Single(url) => redact(&url.0),
+        crate::policy::RedisNodes::Cluster(urls) => format!(
+            "cluster [{}]",
+            urls.iter()
+                .map(|u| redact(&u.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 /// A Redis URL with any password replaced by `***`.
@@ -228,7 +244,8 @@ pub async fn explain(
             "store memory: the counters live inside the running tollgate process; explain cannot read them".to_string(),
             None,
         ),
-        StoreSettings::Redis { url, timeout, .. } => {
+        StoreSettings::Redis(r) => {
+            let timeout = &r.timeout;
             let started = std::time::Instant::now();
             let answer = match Store::new(&policy.store) {
                 Ok(store) => {
@@ -243,12 +260,15 @@ pub async fn explain(
                 Ok(d) => (
                     format!(
                         "store redis {}: answered in {:.1} ms; nothing was consumed",
-                        redact(url),
+                        describe_nodes(&r.nodes),
                         started.elapsed().as_secs_f64() * 1000.0
                     ),
                     Some(d),
                 ),
-                Err(e) => (format!("store redis {}: unavailable ({e})", redact(url)), None),
+                Err(e) => (
+                    format!("store redis {}: unavailable ({e})", describe_nodes(&r.nodes)),
+                    None,
+                ),
             }
         }
     };
@@ -270,7 +290,7 @@ pub async fn explain(
         let _ = writeln!(out, "  {}: {}", limit.name, describe_limit(limit, spec));
         let _ = writeln!(out, "    identity: {}", sources.join(", "));
         let key = match &policy.store {
-            StoreSettings::Redis { prefix, .. } => key_name(prefix, item.id, &item.tag),
+            StoreSettings::Redis(r) => key_name(&r.prefix, item.id, &item.tag),
             StoreSettings::Memory { .. } => format!(
                 "limit {:016x}, identity {}",
                 item.id,

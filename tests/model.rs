@@ -35,7 +35,7 @@ use tokio::runtime::Runtime;
 use tollgate::identity::Tag;
 use tollgate::limiter::algorithm::{Algorithm, Micros, Outcome, State};
 use tollgate::limiter::{Decision, Item, Store, wall_clock};
-use tollgate::policy::StoreSettings;
+use tollgate::policy::{RedisNodes, RedisSettings, Secret, StoreSettings};
 
 use common::Redis;
 
@@ -121,12 +121,16 @@ impl Backends {
             .expect("runtime");
         let redis_store = {
             let _entered = runtime.enter();
-            Store::new(&StoreSettings::Redis {
-                url: server.url(),
+            Store::new(&StoreSettings::Redis(RedisSettings {
+                nodes: RedisNodes::Single(Secret(server.url())),
+                username: None,
+                password: None,
+                tls_ca: None,
+                tls_client: None,
                 pool_size: 2,
                 timeout: Duration::from_secs(5),
                 prefix: "model".into(),
-            })
+            }))
             .expect("redis store")
         };
         Backends {

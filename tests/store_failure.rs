@@ -10,7 +10,7 @@ use common::*;
 const TIMEOUT_MS: u64 = 150;
 
 fn routes() -> String {
-    "[[routes]]\nname = \"open\"\nupstream = \"api\"\nmatch = { path = \"/open\" }\non_store_error = \"allow\"\nlimits = [{ algorithm = \"gcra\", rate = \"1/hour\", burst = 1 }]\n\
+    "[[routes]]\nname = \"open\"\nupstream = \"api\"\nmatch = { path = \"/open\" }\non_store_error = \"allow\"\nlimits = [{ by = \"header:x-k\", algorithm = \"gcra\", rate = \"1/hour\", burst = 1 }]\n\
      [[routes]]\nname = \"closed\"\nupstream = \"api\"\nmatch = { path = \"/closed\" }\non_store_error = \"deny\"\nlimits = [{ algorithm = \"fixed_window\", rate = \"1/hour\" }]\n"
         .to_string()
 }
@@ -32,15 +32,17 @@ async fn killed_redis_follows_on_store_error_within_the_timeout_and_recovers_aft
     let closed = format!("http://{}/closed", tg.addr);
     let ready = format!("http://{}/readyz", tg.admin_addr.unwrap());
 
-    assert_eq!(http.get(&open, &[]).await.status, 200);
-    assert_eq!(http.get(&open, &[]).await.status, 429);
+    assert_eq!(http.get(&open, &[("x-k", "a")]).await.status, 200);
+    assert_eq!(http.get(&open, &[("x-k", "a")]).await.status, 429);
     assert_eq!(http.get(&closed, &[]).await.status, 200);
     assert_eq!(http.get(&ready, &[]).await.status, 200);
 
     redis.kill();
     for _ in 0..5 {
         let started = Instant::now();
-        let reply = http.get(&open, &[]).await;
+        // A key never rejected before (key "a" is remembered over its limit locally and
+        // needs no store to be rejected again).
+        let reply = http.get(&open, &[("x-k", "b")]).await;
         let took = started.elapsed();
         assert_eq!(reply.status, 200, "fail open forwards");
         assert_eq!(reply.header("x-upstream"), Some("yes"));
@@ -86,10 +88,15 @@ async fn killed_redis_follows_on_store_error_within_the_timeout_and_recovers_aft
     })
     .await;
     assert_eq!(http.get(&closed, &[]).await.status, 429);
-    let reply = http.get(&open, &[]).await;
+    let reply = http.get(&open, &[("x-k", "c")]).await;
     assert_eq!(reply.status, 200);
     assert!(reply.header("ratelimit").is_some(), "decided again");
-    assert_eq!(http.get(&open, &[]).await.status, 429);
+    assert_eq!(http.get(&open, &[("x-k", "c")]).await.status, 429);
+    assert_eq!(
+        http.get(&open, &[("x-k", "a")]).await.status,
+        429,
+        "remembered over its limit through the outage"
+    );
     assert_eq!(http.get(&ready, &[]).await.status, 200);
     eprintln!("recovered {recovered:?} after the restart");
     tg.stop().await;

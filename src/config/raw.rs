@@ -56,6 +56,13 @@ pub struct RawTls {
 pub struct RawStore {
     pub backend: Option<S<String>>,
     pub url: Option<S<String>>,
+    pub url_env: Option<S<String>>,
+    pub cluster: Option<S<Vec<S<String>>>>,
+    pub username: Option<S<String>>,
+    pub password_env: Option<S<String>>,
+    pub tls_ca: Option<S<String>>,
+    pub tls_cert: Option<S<String>>,
+    pub tls_key: Option<S<String>>,
     pub pool_size: Option<S<i64>>,
     pub timeout: Option<S<String>>,
     pub prefix: Option<S<String>>,

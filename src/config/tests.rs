@@ -127,11 +127,9 @@ limits = [ { by = ["ip", "header:x-tenant"], algorithm = "gcra", rate = "50/s", 
         ]
     );
     match &p.store {
-        StoreSettings::Redis {
-            pool_size, prefix, ..
-        } => {
-            assert_eq!(*pool_size, 16);
-            assert_eq!(prefix, "tollgate");
+        StoreSettings::Redis(r) => {
+            assert_eq!(r.pool_size, 16);
+            assert_eq!(r.prefix, "tollgate");
         }
         other => panic!("{other:?}"),
     }
@@ -249,7 +247,10 @@ fn store_settings_are_checked() {
         "{e}"
     );
     let e = error_of("[server]\nlisten = \"127.0.0.1:1\"\n[store]\nbackend = \"redis\"\n");
-    assert!(e.starts_with("3:1: backend = \"redis\" needs `url`"), "{e}");
+    assert!(
+        e.starts_with("3:1: backend = \"redis\" needs exactly one of `url`"),
+        "{e}"
+    );
 }
 
 #[test]

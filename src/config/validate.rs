@@ -302,11 +302,19 @@ fn store(v: &mut Validator, raw: Option<&S<RawStore>>) -> StoreSettings {
     let timeout = v.positive_duration(&s.timeout, Duration::from_millis(50));
     match backend {
         Backend::Memory => {
-            for (name, span) in [
+            let redis_only = [
                 ("url", s.url.as_ref().map(|x| x.span())),
+                ("url_env", s.url_env.as_ref().map(|x| x.span())),
+                ("cluster", s.cluster.as_ref().map(|x| x.span())),
+                ("username", s.username.as_ref().map(|x| x.span())),
+                ("password_env", s.password_env.as_ref().map(|x| x.span())),
+                ("tls_ca", s.tls_ca.as_ref().map(|x| x.span())),
+                ("tls_cert", s.tls_cert.as_ref().map(|x| x.span())),
+                ("tls_key", s.tls_key.as_ref().map(|x| x.span())),
                 ("pool_size", s.pool_size.as_ref().map(|x| x.span())),
                 ("prefix", s.prefix.as_ref().map(|x| x.span())),
-            ] {
+            ];
+            for (name, span) in redis_only {
                 if let Some(span) = span {
                     v.error(
                         span,
@@ -324,72 +332,147 @@ fn store(v: &mut Validator, raw: Option<&S<RawStore>>) -> StoreSettings {
             };
             StoreSettings::Memory { max_keys, timeout }
         }
-        Backend::Redis => {
-            if let Some(m) = &s.max_keys {
-                v.error(m.span(), "`max_keys` applies only to backend = \"memory\"");
-            }
-            let url = match &s.url {
-                None => {
-                    v.error(
-                        raw.span(),
-                        "backend = \"redis\" needs `url`, e.g. url = \"redis://127.0.0.1:6379/0\"",
-                    );
-                    String::new()
-                }
-                Some(u) => {
-                    let text = u.get_ref().trim().to_string();
-                    if !(text.starts_with("redis://") || text.starts_with("rediss://")) {
-                        v.error(
-                            u.span(),
-                            "invalid Redis url; expected redis://[user:password@]host:port[/db] or rediss://...",
-                        );
-                    } else if let Err(e) =
-                        redis::IntoConnectionInfo::into_connection_info(text.as_str())
-                    {
-                        v.error(u.span(), format!("invalid Redis url: {e}"));
-                    }
-                    text
-                }
-            };
-            let pool_size = match &s.pool_size {
-                None => 8,
-                Some(p) if (1..=1024).contains(p.get_ref()) => *p.get_ref() as u32,
-                Some(p) => {
-                    v.error(
-                        p.span(),
-                        format!(
-                            "invalid pool_size {}; expected 1 to 1024 connections",
-                            p.get_ref()
-                        ),
-                    );
-                    8
-                }
-            };
-            let prefix = match &s.prefix {
-                None => "tollgate".to_string(),
-                Some(p) => {
-                    let text = p.get_ref();
-                    if text.is_empty()
-                        || text.contains(['{', '}'])
-                        || text.chars().any(|c| c.is_whitespace() || c.is_control())
-                    {
-                        v.error(
-                            p.span(),
-                            format!(
-                                "invalid prefix \"{text}\"; expected a non-empty name without spaces or braces (braces would change the cluster hash tag)"
-                            ),
-                        );
-                    }
-                    text.clone()
-                }
-            };
-            StoreSettings::Redis {
-                url,
-                pool_size,
-                timeout,
-                prefix,
-            }
+        Backend::Redis => StoreSettings::Redis(redis_settings(v, raw, timeout)),
+    }
+}
+
+/// An environment variable's value, or an error at the key naming it.
+fn env_value(v: &mut Validator, name: &S<String>) -> Option<String> {
+    match std::env::var(name.get_ref()) {
+        Ok(value) if !value.is_empty() => Some(value),
+        _ => {
+            v.error(
+                name.span(),
+                format!("environment variable {} is not set", name.get_ref()),
+            );
+            None
         }
+    }
+}
+
+/// Checks one Redis URL; the error never repeats the URL (it may hold a password).
+fn redis_url(v: &mut Validator, span: Range<usize>, text: &str) -> Secret {
+    let text = text.trim();
+    if !(text.starts_with("redis://") || text.starts_with("rediss://")) {
+        v.error(
+            span,
+            "invalid Redis url; expected redis://[user:password@]host:port[/db] or rediss://...",
+        );
+    } else if let Err(e) = redis::IntoConnectionInfo::into_connection_info(text) {
+        // The message may quote the URL: never repeat a password.
+        let message = e.to_string().replace(text, &crate::report::redact(text));
+        v.error(span, format!("invalid Redis url: {message}"));
+    }
+    Secret(text.to_string())
+}
+
+fn redis_settings(v: &mut Validator, raw: &S<RawStore>, timeout: Duration) -> RedisSettings {
+    let s = raw.get_ref();
+    if let Some(m) = &s.max_keys {
+        v.error(m.span(), "`max_keys` applies only to backend = \"memory\"");
+    }
+    let given = [s.url.is_some(), s.url_env.is_some(), s.cluster.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if given != 1 {
+        v.error(
+            raw.span(),
+            "backend = \"redis\" needs exactly one of `url` (e.g. url = \"redis://127.0.0.1:6379/0\"), `url_env` (the name of an environment variable holding the URL) or `cluster` (a list of node URLs)",
+        );
+    }
+    let nodes = if let Some(u) = &s.url {
+        RedisNodes::Single(redis_url(v, u.span(), u.get_ref()))
+    } else if let Some(name) = &s.url_env {
+        let url = env_value(v, name).unwrap_or_default();
+        let secret = if url.is_empty() {
+            Secret(url)
+        } else {
+            redis_url(v, name.span(), &url)
+        };
+        RedisNodes::Single(secret)
+    } else if let Some(list) = &s.cluster {
+        if list.get_ref().is_empty() {
+            v.error(list.span(), "`cluster` needs at least one node URL");
+        }
+        RedisNodes::Cluster(
+            list.get_ref()
+                .iter()
+                .map(|u| redis_url(v, u.span(), u.get_ref()))
+                .collect(),
+        )
+    } else {
+        RedisNodes::Single(Secret(String::new()))
+    };
+    let password = s
+        .password_env
+        .as_ref()
+        .and_then(|name| env_value(v, name))
+        .map(Secret);
+    let tls_urls = match &nodes {
+        RedisNodes::Single(u) => u.0.starts_with("rediss://"),
+        RedisNodes::Cluster(us) => us.iter().any(|u| u.0.starts_with("rediss://")),
+    };
+    for (name, value) in [
+        ("tls_ca", &s.tls_ca),
+        ("tls_cert", &s.tls_cert),
+        ("tls_key", &s.tls_key),
+    ] {
+        if let Some(value) = value
+            && !tls_urls
+        {
+            v.error(value.span(), format!("`{name}` needs rediss:// URLs (TLS)"));
+        }
+    }
+    let tls_client = match (&s.tls_cert, &s.tls_key) {
+        (Some(c), Some(k)) => Some((v.base_dir.join(c.get_ref()), v.base_dir.join(k.get_ref()))),
+        (Some(one), None) | (None, Some(one)) => {
+            v.error(one.span(), "`tls_cert` and `tls_key` go together");
+            None
+        }
+        (None, None) => None,
+    };
+    let pool_size = match &s.pool_size {
+        None => 4,
+        Some(p) if (1..=1024).contains(p.get_ref()) => *p.get_ref() as u32,
+        Some(p) => {
+            v.error(
+                p.span(),
+                format!(
+                    "invalid pool_size {}; expected 1 to 1024 connections",
+                    p.get_ref()
+                ),
+            );
+            4
+        }
+    };
+    let prefix = match &s.prefix {
+        None => "tollgate".to_string(),
+        Some(p) => {
+            let text = p.get_ref();
+            if text.is_empty()
+                || text.contains(['{', '}'])
+                || text.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                v.error(
+                    p.span(),
+                    format!(
+                        "invalid prefix \"{text}\"; expected a non-empty name without spaces or braces (braces would change the cluster hash tag)"
+                    ),
+                );
+            }
+            text.clone()
+        }
+    };
+    RedisSettings {
+        nodes,
+        username: s.username.as_ref().map(|u| u.get_ref().clone()),
+        password,
+        tls_ca: s.tls_ca.as_ref().map(|c| v.base_dir.join(c.get_ref())),
+        tls_client,
+        pool_size,
+        timeout,
+        prefix,
     }
 }
 

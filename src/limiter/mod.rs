@@ -5,6 +5,8 @@
 //! on a store error (`on_store_error`) is the pipeline's call: this module reports it.
 
 pub mod algorithm;
+pub mod breaker;
+pub mod deny_cache;
 pub mod memory;
 pub mod redis;
 
@@ -69,6 +71,25 @@ pub enum StoreError {
     Reply(String),
     #[error("memory store is full ({0} keys); raise [store] max_keys")]
     Full(usize),
+    #[error("{0}")]
+    Config(String),
+    #[error("store circuit open after repeated failures; not calling it for a short back-off")]
+    CircuitOpen,
+}
+
+impl StoreError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Timeout(_) => "timeout",
+            StoreError::Redis(_) => "redis",
+            StoreError::Pool(_) => "pool",
+            StoreError::Reply(_) => "reply",
+            StoreError::Full(_) => "full",
+            StoreError::Config(_) => "config",
+            StoreError::CircuitOpen => "circuit_open",
+        }
+    }
 }
 
 /// The two backends. An enum, not a trait object: there are two and both are known.
@@ -85,12 +106,7 @@ impl Store {
             StoreSettings::Memory { max_keys, .. } => {
                 Store::Memory(memory::MemoryStore::new(*max_keys))
             }
-            StoreSettings::Redis {
-                url,
-                pool_size,
-                timeout,
-                prefix,
-            } => Store::Redis(redis::RedisStore::new(url, *pool_size, *timeout, prefix)?),
+            StoreSettings::Redis(settings) => Store::Redis(redis::RedisStore::new(settings)?),
         })
     }
 
@@ -129,21 +145,81 @@ impl Store {
             Store::Redis(_) => "redis",
         }
     }
+
+    /// The circuit breaker in front of a store that can fail (Redis).
+    pub fn breaker(&self) -> Option<&breaker::Breaker> {
+        match self {
+            Store::Memory(_) => None,
+            Store::Redis(r) => Some(&r.breaker),
+        }
+    }
 }
 
-/// The store and the budget of one decision.
+/// The metric handles the limiter records into.
+#[derive(Clone)]
+pub struct LimiterMetrics {
+    /// Requests rejected from the local over-limit cache, without a store call.
+    pub local_denials: prometheus_client::metrics::counter::Counter,
+    /// 1 while the store's circuit breaker is open.
+    pub circuit_open: prometheus_client::metrics::gauge::Gauge,
+    /// Failed decisions by kind.
+    pub errors: prometheus_client::metrics::family::Family<
+        [(&'static str, String); 1],
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+/// The store, the budget of one decision, the circuit breaker in front of the store and the
+/// local over-limit cache.
 pub struct Limiter {
     pub store: Arc<Store>,
     pub timeout: Duration,
+    pub denials: deny_cache::DenyCache,
+    pub metrics: LimiterMetrics,
 }
 
 impl Limiter {
-    /// Decides, bounded by the store timeout.
+    /// Decides: from the over-limit cache when an enforced limit is known to reject, else by
+    /// the store, bounded by the store timeout and guarded by the circuit breaker.
     pub async fn decide(&self, items: &[Item]) -> Result<Decision, StoreError> {
-        match tokio::time::timeout(self.timeout, self.store.decide(items, None)).await {
+        if let Some(local) = self.denials.check(items) {
+            self.metrics.local_denials.inc();
+            return Ok(local);
+        }
+        let breaker = self.store.breaker();
+        let probe = match breaker.map(|b| b.admit()) {
+            None | Some(breaker::Admission::Call) => None,
+            Some(breaker::Admission::Probe(guard)) => Some(guard),
+            Some(breaker::Admission::Open) => {
+                self.record_error(&StoreError::CircuitOpen);
+                return Err(StoreError::CircuitOpen);
+            }
+        };
+        let asked = std::time::Instant::now();
+        let result = match tokio::time::timeout(self.timeout, self.store.decide(items, None)).await
+        {
             Ok(result) => result,
             Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        if let Some(b) = breaker {
+            match &result {
+                Ok(_) => b.success(probe),
+                Err(_) => b.failure(probe),
+            }
+            self.metrics.circuit_open.set(i64::from(b.is_open()));
         }
+        match &result {
+            Ok(decision) => self.denials.remember(items, decision, asked),
+            Err(e) => self.record_error(e),
+        }
+        result
+    }
+
+    fn record_error(&self, e: &StoreError) {
+        self.metrics
+            .errors
+            .get_or_create(&[("kind", e.kind().to_string())])
+            .inc();
     }
 
     /// Whether the store answers within its timeout.

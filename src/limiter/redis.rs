@@ -1,13 +1,23 @@
-//! The Redis store: one EVALSHA of the decision script (lua/) per request, over a bb8 pool of
-//! multiplexed redis-rs connections.
+//! The Redis store: one EVALSHA of the decision script (lua/) per request, on a single server
+//! (a bb8 pool of multiplexed redis-rs connections) or on a Redis Cluster (redis-rs's async
+//! cluster connection).
 //!
-//! Connections are multiplexed, so a checkout only picks a connection: the handle is cloned and
-//! the pool slot returned at once, and any number of decisions pipeline over few sockets. A
-//! connection that fails with an I/O error is flagged and bb8 replaces it on the next checkout
-//! (bb8-redis's own manager never reports a broken connection and opens connections without
-//! tollgate's timeouts, hence the small manager here). A script cache that lost the script
-//! (restart, `SCRIPT FLUSH`, failover) answers NOSCRIPT: the script is loaded and the call retried
-//! once, by redis-rs's `Script`.
+//! Single server: connections are multiplexed, so a checkout only picks a connection: the handle
+//! is cloned and the pool slot returned at once, and any number of decisions pipeline over few
+//! sockets. A connection that fails with an I/O error is flagged and bb8 replaces it on the next
+//! checkout (bb8-redis's own manager never reports a broken connection and opens connections
+//! without tollgate's timeouts, hence the small manager here).
+//!
+//! Cluster: no pool. redis-rs's `ClusterConnection` already multiplexes one connection per node,
+//! follows MOVED/ASK, refreshes the slot map and reconnects; a pool of them would only multiply
+//! topology refreshes. Its retries and timeouts are set to fit one decision's budget (its
+//! defaults: 16 retries, no overall limit). A request whose limits are keyed by different
+//! identities has keys in different slots: each slot gets its own call (concurrently), and when
+//! any slot rejects, what the others committed is given back by the refund script.
+//!
+//! Either way a script cache that lost the script (restart, `SCRIPT FLUSH`, failover to a
+//! replica that never loaded it) answers NOSCRIPT: redis-rs's `Script` loads it (on every
+//! primary, for a cluster) and retries once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,26 +25,42 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, RedisError, Script};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    AsyncConnectionConfig, Client, ClientTlsConfig, ConnectionInfo, IntoConnectionInfo, RedisError,
+    Script, TlsCertificates,
+};
 
 use super::algorithm::{Algorithm, Micros, Outcome};
 use super::{Decision, Item, StoreError};
 use crate::identity::Tag;
+use crate::policy::{RedisNodes, RedisSettings};
+
+macro_rules! with_algorithms {
+    ($tail:literal) => {
+        concat!(
+            include_str!("../../lua/prelude.lua"),
+            include_str!("../../lua/fixed_window.lua"),
+            include_str!("../../lua/sliding_window.lua"),
+            include_str!("../../lua/sliding_log.lua"),
+            include_str!("../../lua/token_bucket.lua"),
+            include_str!("../../lua/gcra.lua"),
+            include_str!($tail),
+        )
+    };
+}
 
 /// The decision script: prelude, the five algorithms, then the dispatcher. Each file states its
 /// own contract; `decide.lua` states the whole script's KEYS, ARGV and reply.
-pub const SCRIPT: &str = concat!(
-    include_str!("../../lua/prelude.lua"),
-    include_str!("../../lua/fixed_window.lua"),
-    include_str!("../../lua/sliding_window.lua"),
-    include_str!("../../lua/sliding_log.lua"),
-    include_str!("../../lua/token_bucket.lua"),
-    include_str!("../../lua/gcra.lua"),
-    include_str!("../../lua/decide.lua"),
-);
+pub const SCRIPT: &str = with_algorithms!("../../lua/decide.lua");
 
-/// The algorithm code and p1..p3 that `decide.lua` expects for one limit.
+/// The refund script (cluster only): gives back what a decision committed in one slot when
+/// another slot rejected the request.
+pub const REFUND_SCRIPT: &str = with_algorithms!("../../lua/refund.lua");
+
+/// The algorithm code and p1..p3 that the scripts expect for one limit.
 pub fn script_args(algorithm: &Algorithm) -> (u8, u64, u64, u64) {
     match *algorithm {
         Algorithm::FixedWindow { quota, window } => (1, quota, window, 0),
@@ -106,10 +132,18 @@ impl bb8::ManageConnection for Manager {
     }
 }
 
+enum Backend {
+    Single(bb8::Pool<Manager>),
+    Cluster(ClusterConnection),
+}
+
 /// The Redis backend.
 pub struct RedisStore {
-    pool: bb8::Pool<Manager>,
-    script: Script,
+    /// Shared with every policy that keeps this store across reloads.
+    pub breaker: super::breaker::Breaker,
+    backend: Backend,
+    decide: Script,
+    refund: Script,
     prefix: String,
 }
 
@@ -118,49 +152,143 @@ fn breaks_connection(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error()
 }
 
+/// Reads the TLS files of `settings`, if any.
+fn tls_certificates(settings: &RedisSettings) -> Result<Option<TlsCertificates>, StoreError> {
+    if settings.tls_ca.is_none() && settings.tls_client.is_none() {
+        return Ok(None);
+    }
+    let read = |path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| StoreError::Config(format!("cannot read {}: {e}", path.display())))
+    };
+    let root_cert = settings.tls_ca.as_deref().map(read).transpose()?;
+    let client_tls = match &settings.tls_client {
+        Some((cert, key)) => Some(ClientTlsConfig {
+            client_cert: read(cert)?,
+            client_key: read(key)?,
+        }),
+        None => None,
+    };
+    Ok(Some(TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
+}
+
+/// A node's connection info with the separately given credentials applied.
+fn connection_info(url: &str, settings: &RedisSettings) -> Result<ConnectionInfo, StoreError> {
+    let info = url.into_connection_info()?;
+    let mut redis = info.redis_settings().clone();
+    if let Some(user) = &settings.username {
+        redis = redis.set_username(user);
+    }
+    if let Some(password) = &settings.password {
+        redis = redis.set_password(&password.0);
+    }
+    Ok(info.set_redis_settings(redis))
+}
+
 impl RedisStore {
-    pub fn new(
-        url: &str,
-        pool_size: u32,
-        timeout: Duration,
-        prefix: &str,
-    ) -> Result<RedisStore, StoreError> {
-        let client = Client::open(url)?;
-        let config = AsyncConnectionConfig::new()
-            // Connecting happens in the background; a slow handshake may take longer than one
-            // decision's budget without failing the decision that is waiting.
-            .set_connection_timeout(Some(timeout.max(Duration::from_secs(1))))
-            // The caller's own timeout bounds each call; this only reclaims a stuck slot.
-            .set_response_timeout(Some(timeout.max(Duration::from_secs(1))));
-        let pool = bb8::Pool::builder()
-            .max_size(pool_size)
-            // bb8 waits 30 s for a connection by default: far beyond any decision's budget.
-            .connection_timeout(timeout)
-            .test_on_check_out(true)
-            .build_unchecked(Manager { client, config });
+    /// Builds the store. Never connects: connections are made on first use (bb8) or in the
+    /// background (cluster), so tollgate starts while Redis is down.
+    pub fn new(settings: &RedisSettings) -> Result<RedisStore, StoreError> {
+        let timeout = settings.timeout;
+        let certs = tls_certificates(settings)?;
+        let backend = match &settings.nodes {
+            RedisNodes::Single(url) => {
+                let info = connection_info(&url.0, settings)?;
+                let client = match certs {
+                    Some(certs) => Client::build_with_tls(info, certs)?,
+                    None => Client::open(info)?,
+                };
+                let config = AsyncConnectionConfig::new()
+                    // Connecting happens in the background; a slow handshake may take longer
+                    // than one decision's budget without failing the decision that waits.
+                    .set_connection_timeout(Some(timeout.max(Duration::from_secs(1))))
+                    // The caller's own timeout bounds each call; this reclaims a stuck slot.
+                    .set_response_timeout(Some(timeout.max(Duration::from_secs(1))));
+                let pool = bb8::Pool::builder()
+                    .max_size(settings.pool_size)
+                    // bb8 waits 30 s for a connection by default: far beyond a decision's budget.
+                    .connection_timeout(timeout)
+                    .test_on_check_out(true)
+                    .build_unchecked(Manager { client, config });
+                Backend::Single(pool)
+            }
+            RedisNodes::Cluster(urls) => {
+                let nodes = urls
+                    .iter()
+                    .map(|u| connection_info(&u.0, settings))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut builder = ClusterClientBuilder::new(nodes)
+                    // One retry (a MOVED/ASK redirect or a reconnect) fits a decision's budget;
+                    // the caller's timeout bounds the whole call anyway.
+                    .retries(1)
+                    .min_retry_wait(1)
+                    .max_retry_wait(timeout.as_millis().max(2) as u64)
+                    .connection_timeout(timeout.max(Duration::from_secs(1)))
+                    .response_timeout(timeout.max(Duration::from_millis(250)));
+                if let Some(certs) = certs {
+                    builder = builder.certs(certs);
+                }
+                let client = builder.build()?;
+                let config = redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(timeout.max(Duration::from_secs(1)))
+                    .set_response_timeout(timeout.max(Duration::from_millis(250)));
+                Backend::Cluster(client.get_pending_async_connection_with_config(config))
+            }
+        };
         Ok(RedisStore {
-            pool,
-            script: Script::new(SCRIPT),
-            prefix: prefix.to_string(),
+            breaker: super::breaker::Breaker::default(),
+            backend,
+            decide: Script::new(SCRIPT),
+            refund: Script::new(REFUND_SCRIPT),
+            prefix: settings.prefix.clone(),
         })
     }
 
     async fn connection(&self) -> Result<(MultiplexedConnection, Arc<AtomicBool>), StoreError> {
-        let pooled = self.pool.get().await.map_err(|e| match e {
+        let Backend::Single(pool) = &self.backend else {
+            unreachable!("single-server backend");
+        };
+        let pooled = pool.get().await.map_err(|e| match e {
             bb8::RunError::User(e) => StoreError::Redis(e),
             bb8::RunError::TimedOut => StoreError::Pool("no connection available in time".into()),
         })?;
         Ok((pooled.inner.clone(), pooled.broken.clone()))
     }
 
-    /// One script call for all items. With `peek` the script decides but writes nothing.
+    /// Decides all items, all-or-nothing. With `peek` nothing is written.
     pub async fn decide(
         &self,
         items: &[Item],
         now: Option<Micros>,
         peek: bool,
     ) -> Result<Decision, StoreError> {
-        let mut invocation = self.script.prepare_invoke();
+        match &self.backend {
+            Backend::Single(_) => {
+                let (mut conn, broken) = self.connection().await?;
+                let result = self.call(&mut conn, items, now, peek).await;
+                if let Err(StoreError::Redis(e)) = &result
+                    && breaks_connection(e)
+                {
+                    broken.store(true, Ordering::Relaxed);
+                }
+                result.map(|(decision, _)| decision)
+            }
+            Backend::Cluster(conn) => self.decide_cluster(conn, items, now, peek).await,
+        }
+    }
+
+    /// One decide.lua call: the decision and each item's receipt.
+    async fn call<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        items: &[Item],
+        now: Option<Micros>,
+        peek: bool,
+    ) -> Result<(Decision, Vec<i64>), StoreError> {
+        let mut invocation = self.decide.prepare_invoke();
         for item in items {
             invocation.key(key_name(&self.prefix, item.id, &item.tag));
         }
@@ -179,49 +307,173 @@ impl RedisStore {
                 .arg(item.cost)
                 .arg(u8::from(item.shadow));
         }
-        let (mut conn, broken) = self.connection().await?;
-        let reply: Vec<i64> = match invocation.invoke_async(&mut conn).await {
-            Ok(r) => r,
-            Err(e) => {
-                if breaks_connection(&e) {
-                    broken.store(true, Ordering::Relaxed);
-                }
-                return Err(e.into());
-            }
-        };
+        let reply: Vec<i64> = invocation.invoke_async(conn).await?;
         parse_reply(items, &reply)
     }
 
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        let (mut conn, broken) = self.connection().await?;
-        let result: Result<String, RedisError> = redis::cmd("PING").query_async(&mut conn).await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                if breaks_connection(&e) {
-                    broken.store(true, Ordering::Relaxed);
-                }
-                Err(e.into())
+    /// Cluster: one call per slot group, concurrently; refunds when a group rejected.
+    async fn decide_cluster(
+        &self,
+        conn: &ClusterConnection,
+        items: &[Item],
+        now: Option<Micros>,
+        peek: bool,
+    ) -> Result<Decision, StoreError> {
+        let mut groups: Vec<(Tag, Vec<usize>)> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match groups.iter_mut().find(|(tag, _)| *tag == item.tag) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((item.tag, vec![i])),
             }
         }
+        if groups.len() == 1 {
+            let mut conn = conn.clone();
+            return self.call(&mut conn, items, now, peek).await.map(|(d, _)| d);
+        }
+        let calls = groups.iter().map(|(_, members)| {
+            let group: Vec<Item> = members.iter().map(|&i| items[i]).collect();
+            let mut conn = conn.clone();
+            async move {
+                self.call(&mut conn, &group, now, peek)
+                    .await
+                    .map(|r| (group, r))
+            }
+        });
+        let answers = futures_join_all(calls).await;
+        let mut outcomes = vec![None; items.len()];
+        let mut committed: Vec<(Vec<Item>, Vec<i64>)> = Vec::new();
+        let mut first_error = None;
+        for ((_, members), answer) in groups.iter().zip(answers) {
+            match answer {
+                Ok((group, (decision, receipts))) => {
+                    for (k, &i) in members.iter().enumerate() {
+                        outcomes[i] = Some(decision.outcomes[k]);
+                    }
+                    if decision.admitted && !peek {
+                        let kept: Vec<(Item, i64)> = group
+                            .iter()
+                            .zip(&decision.outcomes)
+                            .zip(&receipts)
+                            .filter(|((_, o), _)| o.allowed)
+                            .map(|((item, _), r)| (*item, *r))
+                            .collect();
+                        committed.push(kept.into_iter().unzip());
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let decision = match (first_error, outcomes.iter().all(Option::is_some)) {
+            (None, true) => {
+                Decision::from_outcomes(items, outcomes.into_iter().flatten().collect())
+            }
+            (error, _) => {
+                // Nothing may stay charged for a request that was not decided.
+                self.refund_all(conn, committed).await;
+                return Err(error.unwrap_or_else(|| StoreError::Reply("missing outcome".into())));
+            }
+        };
+        if !decision.admitted {
+            self.refund_all(conn, committed).await;
+        }
+        Ok(decision)
+    }
+
+    async fn refund_all(&self, conn: &ClusterConnection, committed: Vec<(Vec<Item>, Vec<i64>)>) {
+        let calls = committed
+            .into_iter()
+            .filter(|(items, _)| !items.is_empty())
+            .map(|(items, receipts)| {
+                let mut conn = conn.clone();
+                async move {
+                    let mut invocation = self.refund.prepare_invoke();
+                    for item in &items {
+                        invocation.key(key_name(&self.prefix, item.id, &item.tag));
+                    }
+                    for (item, receipt) in items.iter().zip(&receipts) {
+                        let (code, p1, p2, p3) = script_args(&item.algorithm);
+                        invocation
+                            .arg(code)
+                            .arg(p1)
+                            .arg(p2)
+                            .arg(p3)
+                            .arg(item.cost)
+                            .arg(*receipt);
+                    }
+                    let result: Result<i64, RedisError> = invocation.invoke_async(&mut conn).await;
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "refund of a rejected cross-slot request failed");
+                    }
+                }
+            });
+        futures_join_all(calls).await;
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let result: Result<String, RedisError> = match &self.backend {
+            Backend::Single(_) => {
+                let (mut conn, broken) = self.connection().await?;
+                let r = redis::cmd("PING").query_async(&mut conn).await;
+                if let Err(e) = &r
+                    && breaks_connection(e)
+                {
+                    broken.store(true, Ordering::Relaxed);
+                }
+                r
+            }
+            Backend::Cluster(conn) => redis::cmd("PING").query_async(&mut conn.clone()).await,
+        };
+        result.map(|_| ()).map_err(StoreError::from)
     }
 }
 
-fn parse_reply(items: &[Item], reply: &[i64]) -> Result<Decision, StoreError> {
-    if reply.len() != 1 + 4 * items.len() {
+/// Awaits every future (they run concurrently on this task) and returns their outputs in order.
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut pending: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut done: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (slot, fut) in done.iter_mut().zip(pending.iter_mut()) {
+            if slot.is_none() {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    done.into_iter().flatten().collect()
+}
+
+fn parse_reply(items: &[Item], reply: &[i64]) -> Result<(Decision, Vec<i64>), StoreError> {
+    if reply.len() != 1 + 5 * items.len() {
         return Err(StoreError::Reply(format!(
             "{} integers for {} limits",
             reply.len(),
             items.len()
         )));
     }
+    let mut receipts = Vec::with_capacity(items.len());
     let outcomes = reply[1..]
-        .chunks_exact(4)
-        .map(|c| Outcome {
-            allowed: c[0] == 1,
-            remaining: c[1].max(0) as u64,
-            reset: c[2].max(0) as u64,
-            retry_after: c[3].max(0) as u64,
+        .chunks_exact(5)
+        .map(|c| {
+            receipts.push(c[4]);
+            Outcome {
+                allowed: c[0] == 1,
+                remaining: c[1].max(0) as u64,
+                reset: c[2].max(0) as u64,
+                retry_after: c[3].max(0) as u64,
+            }
         })
         .collect();
     let decision = Decision::from_outcomes(items, outcomes);
@@ -230,7 +482,7 @@ fn parse_reply(items: &[Item], reply: &[i64]) -> Result<Decision, StoreError> {
             "admission flag disagrees with the limits".into(),
         ));
     }
-    Ok(decision)
+    Ok((decision, receipts))
 }
 
 #[cfg(test)]
@@ -249,18 +501,26 @@ mod tests {
     }
 
     #[test]
-    fn script_is_assembled_in_order() {
-        let prelude = SCRIPT.find("local function expire_in").unwrap();
-        let decide = SCRIPT.find("local algorithms =").unwrap();
-        for name in [
-            "fixed_window",
-            "sliding_window",
-            "sliding_log",
-            "token_bucket",
-            "gcra",
+    fn scripts_are_assembled_in_order() {
+        for (script, tail) in [
+            (SCRIPT, "local algorithms ="),
+            (REFUND_SCRIPT, "local refunds ="),
         ] {
-            let at = SCRIPT.find(&format!("local function {name}(")).unwrap();
-            assert!(prelude < at && at < decide, "{name}");
+            let prelude = script.find("local function expire_in").unwrap();
+            let end = script.find(tail).unwrap();
+            for name in [
+                "fixed_window",
+                "sliding_window",
+                "sliding_log",
+                "token_bucket",
+                "gcra",
+            ] {
+                let at = script.find(&format!("local function {name}(")).unwrap();
+                let refund = script
+                    .find(&format!("local function {name}_refund("))
+                    .unwrap();
+                assert!(prelude < at && at < end && refund < end, "{name}");
+            }
         }
     }
 }

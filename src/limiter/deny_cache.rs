@@ -1,0 +1,237 @@
+//! The local over-limit cache: identities a store has just rejected, remembered until their
+//! retry-after. A client hammering a rejected key is answered from here without a store round
+//! trip, and exactly: no unit of a limit frees before its retry-after (costs are fixed per
+//! limit), and other replicas' requests can only push it further. Kept per loaded policy (a
+//! reload starts empty) and bounded in size.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use super::algorithm::Outcome;
+use super::{Decision, Item};
+use crate::identity::Tag;
+
+const SHARDS: usize = 16;
+/// Entries at most; beyond it new denials are not cached (the store still decides them).
+const MAX_ENTRIES: usize = 100_000;
+
+#[derive(Clone, Copy)]
+struct Denial {
+    retry_at: Instant,
+    reset_at: Instant,
+}
+
+type Shard = HashMap<(u64, Tag), Denial>;
+
+pub struct DenyCache {
+    shards: Vec<Mutex<Shard>>,
+    len: AtomicUsize,
+}
+
+impl Default for DenyCache {
+    fn default() -> Self {
+        DenyCache {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            len: AtomicUsize::new(0),
+        }
+    }
+}
+
+fn shard(id: u64, tag: &Tag) -> usize {
+    ((id ^ u64::from(tag[0])) % SHARDS as u64) as usize
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+impl DenyCache {
+    fn lock(&self, i: usize) -> std::sync::MutexGuard<'_, Shard> {
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A rejection for `items` if an enforced one is known to be over its limit right now.
+    pub fn check(&self, items: &[Item]) -> Option<Decision> {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        let mut denied: Vec<Option<Denial>> = Vec::with_capacity(items.len());
+        let mut any = false;
+        for item in items {
+            let found = if item.shadow {
+                None
+            } else {
+                let mut map = self.lock(shard(item.id, &item.tag));
+                match map.get(&(item.id, item.tag)) {
+                    Some(d) if d.retry_at > now => Some(*d),
+                    Some(_) => {
+                        map.remove(&(item.id, item.tag));
+                        self.len.fetch_sub(1, Ordering::Relaxed);
+                        None
+                    }
+                    None => None,
+                }
+            };
+            any |= found.is_some();
+            denied.push(found);
+        }
+        if !any {
+            return None;
+        }
+        // Limits not in the cache were not asked: they are shown as untouched (their
+        // remaining is unknown here, and the rejecting limit is the one headers report).
+        let outcomes = items
+            .iter()
+            .zip(denied)
+            .map(|(item, d)| match d {
+                Some(d) => Outcome {
+                    allowed: false,
+                    remaining: 0,
+                    reset: micros(d.reset_at.saturating_duration_since(now)),
+                    retry_after: micros(d.retry_at.saturating_duration_since(now)),
+                },
+                None => Outcome {
+                    allowed: true,
+                    remaining: item.algorithm.quota(),
+                    reset: 0,
+                    retry_after: 0,
+                },
+            })
+            .collect();
+        Some(Decision {
+            admitted: false,
+            outcomes,
+        })
+    }
+
+    /// Remembers the enforced limits that rejected `items`; `asked` is when the store was
+    /// asked (its retry-after counts from then).
+    pub fn remember(&self, items: &[Item], decision: &Decision, asked: Instant) {
+        if decision.admitted {
+            return;
+        }
+        for (item, o) in items.iter().zip(&decision.outcomes) {
+            if item.shadow || o.allowed || o.retry_after == 0 {
+                continue;
+            }
+            if self.len.load(Ordering::Relaxed) >= MAX_ENTRIES {
+                self.sweep();
+                if self.len.load(Ordering::Relaxed) >= MAX_ENTRIES {
+                    return;
+                }
+            }
+            let denial = Denial {
+                retry_at: asked + Duration::from_micros(o.retry_after),
+                reset_at: asked + Duration::from_micros(o.reset),
+            };
+            if self
+                .lock(shard(item.id, &item.tag))
+                .insert((item.id, item.tag), denial)
+                .is_none()
+            {
+                self.len.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn sweep(&self) {
+        let now = Instant::now();
+        for i in 0..SHARDS {
+            let mut map = self.lock(i);
+            let before = map.len();
+            map.retain(|_, d| d.retry_at > now);
+            self.len.fetch_sub(before - map.len(), Ordering::Relaxed);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::algorithm::Algorithm;
+
+    fn item(id: u64, shadow: bool) -> Item {
+        Item {
+            algorithm: Algorithm::FixedWindow {
+                quota: 5,
+                window: 1_000_000,
+            },
+            cost: 1,
+            shadow,
+            id,
+            tag: [id as u8; 16],
+        }
+    }
+
+    fn denial(retry_us: u64) -> Outcome {
+        Outcome {
+            allowed: false,
+            remaining: 0,
+            reset: retry_us,
+            retry_after: retry_us,
+        }
+    }
+
+    #[test]
+    fn remembers_a_rejection_until_its_retry_after() {
+        let cache = DenyCache::default();
+        let items = [item(1, false), item(2, false)];
+        assert!(cache.check(&items).is_none());
+        let d = Decision {
+            admitted: false,
+            outcomes: vec![
+                Outcome {
+                    allowed: true,
+                    remaining: 3,
+                    reset: 1,
+                    retry_after: 0,
+                },
+                denial(200_000),
+            ],
+        };
+        cache.remember(&items, &d, Instant::now());
+        assert_eq!(cache.len(), 1, "only the rejecting limit");
+        let local = cache.check(&items).expect("rejected locally");
+        assert!(!local.admitted);
+        assert!(!local.outcomes[1].allowed);
+        assert!(local.outcomes[1].retry_after <= 200_000 && local.outcomes[1].retry_after > 0);
+        assert!(
+            cache.check(&items[..1]).is_none(),
+            "other limits are not affected"
+        );
+        std::thread::sleep(Duration::from_millis(210));
+        assert!(
+            cache.check(&items).is_none(),
+            "forgotten after the retry-after"
+        );
+        assert_eq!(cache.len(), 0);
+    }
+
+    #[test]
+    fn shadow_limits_and_admissions_are_never_cached() {
+        let cache = DenyCache::default();
+        let items = [item(1, true)];
+        let d = Decision {
+            admitted: true,
+            outcomes: vec![denial(1_000_000)],
+        };
+        cache.remember(&items, &d, Instant::now());
+        let d = Decision {
+            admitted: false,
+            outcomes: vec![denial(1_000_000)],
+        };
+        cache.remember(&items, &d, Instant::now());
+        assert!(cache.is_empty());
+    }
+}
