@@ -516,3 +516,124 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// A Redis Cluster of this test's own: `primaries` primaries with `replicas` replicas each,
+/// every node a [`Redis`] with `--cluster-enabled yes` on a free loopback port, joined with
+/// `redis-cli --cluster create`. Ready when every node reports `cluster_state:ok`.
+pub struct Cluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    pub fn start(primaries: usize, replicas: usize) -> Cluster {
+        let total = primaries * (1 + replicas);
+        let nodes: Vec<Redis> = (0..total)
+            .map(|_| {
+                Redis::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed (the README's test command installs it)");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = Cluster { nodes };
+        cluster.wait_ok(Duration::from_secs(20));
+        cluster
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and knows all slots.
+    pub fn wait_ok(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                let Ok(client) = redis::Client::open(n.url()) else {
+                    return false;
+                };
+                let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(300))
+                else {
+                    return false;
+                };
+                redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query::<String>(&mut c)
+                    .map(|info| {
+                        info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+                    })
+                    .unwrap_or(false)
+            });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "cluster not ok within {limit:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `[store]` table for tollgate: every node as a seed.
+    pub fn store(&self, timeout: &str) -> String {
+        let urls: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("\"redis://127.0.0.1:{}\"", n.port))
+            .collect();
+        format!(
+            "[store]\nbackend = \"redis\"\ncluster = [{}]\ntimeout = \"{timeout}\"\nprefix = \"c\"",
+            urls.join(", ")
+        )
+    }
+
+    /// The node serving `key`'s slot as primary.
+    pub fn primary_for(&self, key: &str) -> &Redis {
+        let mut any = self.nodes[0].conn();
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut any)
+            .unwrap();
+        let shards: redis::Value = redis::cmd("CLUSTER").arg("SLOTS").query(&mut any).unwrap();
+        let redis::Value::Array(ranges) = shards else {
+            panic!("CLUSTER SLOTS")
+        };
+        for range in ranges {
+            let redis::Value::Array(parts) = range else {
+                continue;
+            };
+            let (redis::Value::Int(lo), redis::Value::Int(hi)) = (&parts[0], &parts[1]) else {
+                continue;
+            };
+            if (*lo..=*hi).contains(&slot) {
+                let redis::Value::Array(primary) = &parts[2] else {
+                    continue;
+                };
+                let redis::Value::Int(port) = primary[1] else {
+                    continue;
+                };
+                return self
+                    .nodes
+                    .iter()
+                    .find(|n| n.port as i64 == port)
+                    .expect("known node");
+            }
+        }
+        panic!("no primary for slot {slot}");
+    }
+}
