@@ -18,5 +18,8 @@ COPY proxy.toml /etc/tollgate/proxy.toml
 USER 10001
 WORKDIR /etc/tollgate
 EXPOSE 8080 9901
+# Needs [server] admin in the mounted config (the shipped one has it).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD ["/usr/local/bin/tollgate", "healthcheck", "--config", "/etc/tollgate/proxy.toml"]
 ENTRYPOINT ["/usr/local/bin/tollgate"]
 CMD ["run", "--config", "/etc/tollgate/proxy.toml"]
