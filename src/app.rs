@@ -12,8 +12,8 @@ use crate::config::{self, ConfigErrors};
 use crate::limiter::{Limiter, Store, StoreError};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::policy::Policy;
-use crate::proxy::Forwarder;
 use crate::tls::{self, TlsError};
+use crate::upstream::{Pools, TargetPool};
 
 /// One loaded policy and what serving it needs.
 pub struct Runtime {
@@ -24,6 +24,8 @@ pub struct Runtime {
     pub store_duration: Histogram,
     /// The TLS acceptor when `[server.tls]` is set.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `[upstream index][target index]`: the connection pool of each target.
+    pub upstream_pools: Vec<Vec<Arc<TargetPool>>>,
 }
 
 /// Why a policy could not be put into service.
@@ -31,16 +33,16 @@ pub struct Runtime {
 pub enum BuildError {
     #[error("cannot build the store: {0}")]
     Store(#[from] StoreError),
-    #[error("{0}")]
+    #[error(transparent)]
     Tls(#[from] TlsError),
 }
 
 /// Why a reload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigErrors),
-    #[error("{0}")]
+    #[error(transparent)]
     Build(#[from] BuildError),
     #[error("no config file to reload from")]
     NoFile,
@@ -49,7 +51,8 @@ pub enum ReloadError {
 pub struct App {
     current: ArcSwap<Runtime>,
     pub metrics: Metrics,
-    pub forwarder: Forwarder,
+    /// Upstream connection pools, kept across reloads.
+    pub pools: Pools,
     /// Where the policy came from, for reloads.
     pub config_path: Option<PathBuf>,
 }
@@ -58,12 +61,13 @@ impl App {
     /// Builds the first runtime. Never contacts the store.
     pub fn new(policy: Policy, config_path: Option<PathBuf>) -> Result<App, BuildError> {
         let metrics = Metrics::new();
-        let runtime = Runtime::build(policy, &metrics, None)?;
+        let pools = Pools::default();
+        let runtime = Runtime::build(policy, &metrics, &pools, None)?;
         metrics.config_loaded(&runtime.policy.source_hash);
         Ok(App {
             current: ArcSwap::from_pointee(runtime),
             metrics,
-            forwarder: Forwarder::default(),
+            pools,
             config_path,
         })
     }
@@ -85,7 +89,7 @@ impl App {
             );
         }
         let reuse = (policy.store == old.policy.store).then(|| old.limiter.store.clone());
-        let runtime = Runtime::build(policy, &self.metrics, reuse)?;
+        let runtime = Runtime::build(policy, &self.metrics, &self.pools, reuse)?;
         self.metrics.config_loaded(&runtime.policy.source_hash);
         self.current.store(Arc::new(runtime));
         Ok(())
@@ -119,12 +123,35 @@ impl App {
     }
 }
 
+/// Reads every file the policy names (TLS certificates and keys, the store's TLS files)
+/// without contacting anything: what `tollgate check` verifies beyond the config text.
+pub fn check_files(policy: &Policy) -> Result<(), BuildError> {
+    if let Some(t) = &policy.server.tls {
+        tls::acceptor(t)?;
+    }
+    if let crate::policy::StoreSettings::Redis(r) = &policy.store {
+        crate::limiter::redis::tls_certificates(r)?;
+    }
+    Ok(())
+}
+
 impl Runtime {
     fn build(
         policy: Policy,
         metrics: &Metrics,
+        pools: &Pools,
         store: Option<Arc<Store>>,
     ) -> Result<Runtime, BuildError> {
+        let upstream_pools = policy
+            .upstreams
+            .iter()
+            .map(|u| {
+                u.targets
+                    .iter()
+                    .map(|t| pools.get(&t.authority, u.connect_timeout))
+                    .collect()
+            })
+            .collect();
         let tls = policy.server.tls.as_ref().map(tls::acceptor).transpose()?;
         let store = match store {
             Some(s) => s,
@@ -147,6 +174,7 @@ impl Runtime {
             route_metrics,
             store_duration,
             tls,
+            upstream_pools,
         })
     }
 }

@@ -143,3 +143,282 @@ mod tests {
         );
     }
 }
+
+/// The framing rules for an upstream response: a `Transfer-Encoding` must be exactly
+/// `chunked` and never come with a `Content-Length` (hyper would decode the chunks and leave a
+/// stale length behind).
+pub fn check_response(headers: &HeaderMap) -> Result<(), FramingError> {
+    if !headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(());
+    }
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        return Err(FramingError::Ambiguous);
+    }
+    let mut h = headers.clone();
+    h.insert(header::HOST, http::HeaderValue::from_static("upstream"));
+    check(Version::HTTP_11, &h)
+}
+
+/// Request heads on one connection that carried both `Content-Length` and `Transfer-Encoding`.
+/// hyper resolves such a head by dropping `Content-Length` before tollgate sees it, so the
+/// [`HeadScanner`] under the connection notes them and the pipeline refuses them (400).
+#[derive(Debug, Default)]
+pub struct AmbiguousHeads {
+    any: std::sync::atomic::AtomicBool,
+    heads: std::sync::Mutex<Vec<u64>>,
+    next_request: std::sync::atomic::AtomicU64,
+}
+
+impl AmbiguousHeads {
+    fn note(&self, head: u64) {
+        self.heads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(head);
+        self.any.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Called once per request, in order: whether this request's head was ambiguous.
+    pub fn next_is_ambiguous(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let index = self.next_request.fetch_add(1, Ordering::AcqRel);
+        self.any.load(Ordering::Acquire)
+            && self
+                .heads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&index)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScanState {
+    /// Reading a head; `first` while no request line has been seen yet.
+    Head {
+        first: bool,
+    },
+    /// Skipping a `Content-Length` body.
+    Body(u64),
+    /// Chunked body: a chunk-size line.
+    ChunkSize,
+    /// Chunked body: chunk data, then its CRLF.
+    ChunkData(u64),
+    ChunkEnd,
+    /// Chunked body: trailer lines up to an empty one.
+    Trailers,
+    /// Not HTTP/1 any more (an upgrade, an error): stop looking.
+    Done,
+}
+
+/// Follows the HTTP/1 message boundaries of a client's byte stream just enough to see each
+/// request head's framing headers, at the cost of a scan for line ends (bodies are skipped by
+/// length). Anything it cannot follow stops it; hyper rejects such input anyway.
+pub struct HeadScanner {
+    state: ScanState,
+    head: u64,
+    line: [u8; 40],
+    line_len: usize,
+    content_length: Option<u64>,
+    chunked: bool,
+    upgrade: bool,
+}
+
+impl Default for HeadScanner {
+    fn default() -> Self {
+        HeadScanner {
+            state: ScanState::Head { first: true },
+            head: 0,
+            line: [0; 40],
+            line_len: 0,
+            content_length: None,
+            chunked: false,
+            upgrade: false,
+        }
+    }
+}
+
+fn starts_with_ignore_case(line: &[u8], name: &[u8]) -> bool {
+    line.len() >= name.len() && line[..name.len()].eq_ignore_ascii_case(name)
+}
+
+impl HeadScanner {
+    /// Feeds bytes as they are read from the client.
+    pub fn feed(&mut self, mut bytes: &[u8], log: &AmbiguousHeads) {
+        while !bytes.is_empty() {
+            match self.state {
+                ScanState::Done => return,
+                ScanState::Body(left) => {
+                    let take = (left.min(bytes.len() as u64)) as usize;
+                    bytes = &bytes[take..];
+                    self.state = if left - take as u64 == 0 {
+                        ScanState::Head { first: true }
+                    } else {
+                        ScanState::Body(left - take as u64)
+                    };
+                }
+                ScanState::ChunkData(left) => {
+                    let take = (left.min(bytes.len() as u64)) as usize;
+                    bytes = &bytes[take..];
+                    self.state = if left - take as u64 == 0 {
+                        ScanState::ChunkEnd
+                    } else {
+                        ScanState::ChunkData(left - take as u64)
+                    };
+                }
+                _ => {
+                    // Line-oriented states: collect up to the next '\n'.
+                    let end = bytes.iter().position(|&b| b == b'\n');
+                    let chunk = &bytes[..end.unwrap_or(bytes.len())];
+                    let room = self.line.len() - self.line_len;
+                    let keep = chunk.len().min(room);
+                    self.line[self.line_len..self.line_len + keep].copy_from_slice(&chunk[..keep]);
+                    self.line_len += keep;
+                    match end {
+                        None => return,
+                        Some(i) => {
+                            bytes = &bytes[i + 1..];
+                            let mut len = self.line_len;
+                            if len > 0 && self.line[len - 1] == b'\r' {
+                                len -= 1;
+                            }
+                            let line = self.line;
+                            self.line_len = 0;
+                            self.line_done(&line[..len], log);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn line_done(&mut self, line: &[u8], log: &AmbiguousHeads) {
+        match self.state {
+            ScanState::Head { first: true } => {
+                if !line.is_empty() {
+                    self.state = ScanState::Head { first: false };
+                }
+            }
+            ScanState::Head { first: false } if line.is_empty() => self.head_done(log),
+            ScanState::Head { first: false } => {
+                if starts_with_ignore_case(line, b"content-length:") {
+                    let value = line[b"content-length:".len()..].trim_ascii();
+                    let parsed = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+                    self.content_length = Some(parsed.unwrap_or(u64::MAX));
+                } else if starts_with_ignore_case(line, b"transfer-encoding:") {
+                    self.chunked = true;
+                } else if starts_with_ignore_case(line, b"upgrade:") {
+                    self.upgrade = true;
+                }
+            }
+            ScanState::ChunkSize => {
+                let digits: &[u8] = line
+                    .split(|&b| b == b';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim_ascii();
+                match std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|d| u64::from_str_radix(d, 16).ok())
+                {
+                    Some(0) => self.state = ScanState::Trailers,
+                    Some(n) => self.state = ScanState::ChunkData(n),
+                    None => self.state = ScanState::Done,
+                }
+            }
+            ScanState::ChunkEnd => {
+                self.state = if line.is_empty() {
+                    ScanState::ChunkSize
+                } else {
+                    ScanState::Done
+                };
+            }
+            ScanState::Trailers if line.is_empty() => self.state = ScanState::Head { first: true },
+            ScanState::Trailers => {}
+            ScanState::Body(_) | ScanState::ChunkData(_) | ScanState::Done => {}
+        }
+    }
+
+    fn head_done(&mut self, log: &AmbiguousHeads) {
+        let head = self.head;
+        self.head += 1;
+        let (length, chunked, upgrade) = (self.content_length.take(), self.chunked, self.upgrade);
+        self.chunked = false;
+        self.upgrade = false;
+        self.state = match (length, chunked) {
+            // Refused, and hyper closes such a connection after answering: nothing follows.
+            (Some(_), true) => {
+                log.note(head);
+                ScanState::Done
+            }
+            // An upgrade request may switch protocols: what follows may not be HTTP/1.
+            _ if upgrade => ScanState::Done,
+            (_, true) => ScanState::ChunkSize,
+            (Some(u64::MAX), false) => ScanState::Done,
+            (Some(0) | None, false) => ScanState::Head { first: true },
+            (Some(n), false) => ScanState::Body(n),
+        };
+    }
+}
+
+#[cfg(test)]
+mod scanner_tests {
+    use super::*;
+
+    fn ambiguous_heads(stream: &[u8], split: usize) -> Vec<bool> {
+        let log = AmbiguousHeads::default();
+        let mut s = HeadScanner::default();
+        for piece in stream.chunks(split.max(1)) {
+            s.feed(piece, &log);
+        }
+        (0..4).map(|_| log.next_is_ambiguous()).collect()
+    }
+
+    #[test]
+    fn finds_both_framing_headers_in_either_order() {
+        for split in [1, 3, 7, 1000] {
+            let cl_te = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+            assert_eq!(
+                ambiguous_heads(cl_te, split),
+                [true, false, false, false],
+                "{split}"
+            );
+            let te_cl =
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\ncontent-length: 5\r\n\r\n";
+            assert_eq!(
+                ambiguous_heads(te_cl, split),
+                [true, false, false, false],
+                "{split}"
+            );
+        }
+    }
+
+    #[test]
+    fn follows_bodies_to_the_next_head() {
+        // Bodies that look like heads must be skipped, not read as heads.
+        let fake = "Transfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n";
+        let chunk = format!("Content-Length: 9\r\n{fake}");
+        let stream = format!(
+            "POST /a HTTP/1.1\r\nContent-Length: {}\r\n\r\n{fake}\
+POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n{:X}\r\n{chunk}\r\n0\r\nX-Trailer: 1\r\n\r\n\
+GET /c HTTP/1.1\r\nHost: a\r\n\r\n\
+POST /d HTTP/1.1\r\nContent-Length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+            fake.len(),
+            chunk.len()
+        );
+        for split in [1, 2, 5, 13, 4096] {
+            assert_eq!(
+                ambiguous_heads(stream.as_bytes(), split),
+                [false, false, false, true],
+                "{split}"
+            );
+        }
+    }
+
+    #[test]
+    fn stops_at_upgrades_and_garbage() {
+        let upgrade = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(ambiguous_heads(upgrade, 3), [false, false, false, false]);
+        let bad = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(ambiguous_heads(bad, 3), [false, false, false, false]);
+    }
+}

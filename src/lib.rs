@@ -11,7 +11,8 @@
 //!   [`limiter::algorithm`]s in process ([`limiter::memory`]) or as Lua scripts in Redis
 //!   ([`limiter::redis`], scripts in `lua/`).
 //! - [`response`]: 429 / 503 / 404 / 502 / 504 / 413 / 400 as problem+json, rate-limit headers.
-//! - [`proxy`]: forwarding — hop-by-hop headers, `X-Forwarded-*`, `Via`, streaming, upgrades.
+//! - [`proxy`]: forwarding — hop-by-hop headers, `X-Forwarded-*`, `Via`, streaming, upgrades —
+//!   over [`upstream`]'s keep-alive connection pools.
 //! - [`metrics`] and [`logging`]: recorded once per request at the end of the pipeline.
 //!
 //! Around them: [`config`] parses and validates proxy.toml into a typed [`policy::Policy`];
@@ -37,6 +38,7 @@ pub mod route;
 pub mod server;
 pub mod timeouts;
 pub mod tls;
+pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -82,7 +84,7 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Build(#[from] app::BuildError),
 }
 
@@ -111,10 +113,21 @@ impl Running {
     }
 }
 
+/// Binds with a listen backlog of 4096 (the kernel caps it at somaxconn): the default 128
+/// overflows under connection bursts, and clients waiting while tollgate is at
+/// `max_connections` queue there.
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(4096)
+    };
+    bind().map_err(|source| StartError::Bind { addr, source })
 }
 
 /// Binds the listeners `policy` names and serves in the background until [`Running::stop`]

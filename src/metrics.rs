@@ -122,7 +122,7 @@ impl Metrics {
         );
         registry.register(
             "tollgate_store_circuit_open",
-            "1 while the store circuit breaker is open (decisions fail fast)",
+            "Store circuit breakers open, deciding nothing for a short back-off (single server: 0 or 1; cluster: one per 1/64 of the slots)",
             circuit_open.clone(),
         );
         registry.register(

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use http::request::Parts;
-use http::{HeaderMap, Request, Response, header};
+use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
@@ -18,7 +18,8 @@ use crate::metrics::Outcome;
 use crate::policy::{OnStoreError, Route};
 use crate::proxy::{self, ConnInfo, ProxyError, RequestBody};
 use crate::response::{self, Body};
-use crate::route::{self, RequestView};
+use crate::route::RequestView;
+use crate::upstream::PooledBody;
 
 /// What the limiter said about one request.
 enum Verdict {
@@ -60,7 +61,12 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
     let started = Instant::now();
     let mut access = Access::begin(&request, conn, rt.policy.server.access_log);
 
-    if let Err(e) = framing::check(request.version(), request.headers()) {
+    let head = if conn.ambiguous.next_is_ambiguous() {
+        Err(framing::FramingError::Ambiguous)
+    } else {
+        framing::check(request.version(), request.headers())
+    };
+    if let Err(e) = head {
         let status = e.status();
         app.metrics
             .unrouted
@@ -125,7 +131,7 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
         Some(r) => r,
         None => {
             let upstream_started = Instant::now();
-            let forwarded = forward(app, &rt, route, conn, parts, body).await;
+            let forwarded = forward(&rt, route, conn, parts, body).await;
             let elapsed = upstream_started.elapsed();
             route_metrics
                 .upstream_duration
@@ -184,15 +190,21 @@ async fn decide(rt: &Runtime, route: &Route, parts: &Parts, client: IpAddr) -> V
 
 /// Prepares the request's headers for the upstream and sends it.
 async fn forward(
-    app: &App,
     rt: &Runtime,
     route: &Route,
     conn: &ConnInfo,
     mut parts: Parts,
     body: Incoming,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<PooledBody>, ProxyError> {
     let server = &rt.policy.server;
-    let host = route::request_host(&parts.uri, &parts.headers).and_then(|h| h.parse().ok());
+    // The received Host as is (a refcount, no copy); HTTP/2 carries it as :authority.
+    let host = match parts.headers.get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
     let upgrade = proxy::wants_upgrade(&parts.headers);
     let peer_trusted = identity::is_trusted(conn.peer.ip(), &server.trusted_proxies);
     proxy::strip_hop_by_hop(&mut parts.headers, upgrade, &rt.policy.key_headers);
@@ -206,15 +218,18 @@ async fn forward(
         parts.headers.insert(header::HOST, host);
     }
     let (body, watch) = RequestBody::new(body, server.max_body, server.body_idle_timeout);
-    app.forwarder
-        .forward(
-            &route.upstream,
-            Request::from_parts(parts, body),
-            &watch,
-            server.max_body,
-            server.upgrade_idle_timeout,
-        )
-        .await
+    let upstream = &route.upstream;
+    let target = upstream.pick();
+    proxy::forward(
+        upstream,
+        target,
+        &rt.upstream_pools[upstream.index][target],
+        Request::from_parts(parts, body),
+        &watch,
+        server.max_body,
+        server.upgrade_idle_timeout,
+    )
+    .await
 }
 
 /// Every forwarding failure, mapped to its response in one place.

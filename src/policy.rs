@@ -144,6 +144,8 @@ impl StoreSettings {
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
+    /// Position in `Policy::upstreams` (connection pools are looked up by it, not by name).
+    pub index: usize,
     pub targets: Vec<Target>,
     pub connect_timeout: Duration,
     pub timeout: Duration,
@@ -160,12 +162,14 @@ pub struct Target {
 impl Upstream {
     pub fn new(
         name: String,
+        index: usize,
         targets: Vec<Target>,
         connect_timeout: Duration,
         timeout: Duration,
     ) -> Self {
         Upstream {
             name,
+            index,
             targets,
             connect_timeout,
             timeout,
@@ -173,13 +177,12 @@ impl Upstream {
         }
     }
 
-    /// The next target, round robin.
-    pub fn pick(&self) -> &Target {
+    /// The next target's index, round robin.
+    pub fn pick(&self) -> usize {
         if self.targets.len() == 1 {
-            return &self.targets[0];
+            return 0;
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        &self.targets[i % self.targets.len()]
+        self.next.fetch_add(1, Ordering::Relaxed) % self.targets.len()
     }
 }
 

@@ -1,13 +1,13 @@
 //! Forwarding to the upstream: hop-by-hop headers stripped both ways (including those named in
 //! `Connection`), `X-Forwarded-*` and `Via` set, `Host` passed through, bodies streamed (with
 //! `max_body` enforced as they stream), upgrades (WebSocket) spliced, and upstream failures
-//! turned into [`ProxyError`]s that `response` maps to 502/504/413.
+//! turned into [`ProxyError`]s that the pipeline maps to 502/504/413/408. Connections come
+//! from [`crate::upstream`].
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,12 +17,11 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
-use crate::policy::{Target, Upstream};
+use crate::policy::Upstream;
 use crate::timeouts::{Activity, StallTimer, Tracked};
+use crate::upstream::{PooledBody, TargetPool, UpstreamError};
 
 /// Why a request could not be forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +44,27 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// `http` or `https`.
     pub scheme: Scheme,
+    /// The peer's address as an `X-Forwarded-For` entry, formatted once per connection.
+    pub peer_entry: HeaderValue,
+    /// Request heads of this connection that carried both framing headers.
+    pub ambiguous: Arc<crate::framing::AmbiguousHeads>,
+}
+
+impl ConnInfo {
+    pub fn new(
+        peer: SocketAddr,
+        scheme: Scheme,
+        ambiguous: Arc<crate::framing::AmbiguousHeads>,
+    ) -> ConnInfo {
+        let peer_entry = HeaderValue::from_str(&peer.ip().to_canonical().to_string())
+            .expect("an IP address is a valid header value");
+        ConnInfo {
+            peer,
+            scheme,
+            peer_entry,
+            ambiguous,
+        }
+    }
 }
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -75,36 +95,49 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers: the fixed list and whatever `Connection` names (except the
 /// [`protected`] ones). `keep_upgrade` keeps `Upgrade` (and sets `Connection: upgrade`) for a
-/// protocol switch.
+/// protocol switch. One pass over the names finds what is present, so the common message
+/// (none, or just `Connection: keep-alive`) costs no lookups beyond its own removal.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, key_headers: &[HeaderName]) {
-    let nominated: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !protected(n, key_headers))
-        .collect();
-    for name in nominated {
-        if keep_upgrade && name == header::UPGRADE {
-            continue;
-        }
-        headers.remove(&name);
-    }
-    for name in [
+    const FIXED: [HeaderName; 7] = [
         header::CONNECTION,
         KEEP_ALIVE,
         PROXY_CONNECTION,
         header::TE,
         header::TRAILER,
         header::TRANSFER_ENCODING,
-    ] {
-        headers.remove(name);
+        header::UPGRADE,
+    ];
+    let mut present = [false; 7];
+    for name in headers.keys() {
+        if let Some(i) = FIXED.iter().position(|f| f == name) {
+            present[i] = true;
+        }
+    }
+    if present[0] {
+        let nominated: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // `close` and `keep-alive` are options, not header names worth a lookup (a
+            // Keep-Alive header goes with the fixed list anyway).
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|n| !protected(n, key_headers) && !FIXED.contains(n))
+            .collect();
+        for name in nominated {
+            headers.remove(&name);
+        }
+    }
+    for (name, present) in FIXED.iter().zip(present) {
+        let keep = keep_upgrade && *name == header::UPGRADE;
+        if present && !keep {
+            headers.remove(name);
+        }
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 
@@ -130,8 +163,7 @@ pub fn set_forwarding_headers(
     peer_trusted: bool,
     host: Option<&HeaderValue>,
 ) {
-    let peer = conn.peer.ip().to_canonical();
-    let xff = {
+    let xff = if headers.contains_key(&X_FORWARDED_FOR) {
         let mut list: Vec<&str> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
@@ -139,9 +171,10 @@ pub fn set_forwarding_headers(
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .collect();
-        let peer_text = peer.to_string();
-        list.push(&peer_text);
+        list.push(conn.peer_entry.to_str().unwrap_or_default());
         HeaderValue::from_str(&list.join(", ")).ok()
+    } else {
+        Some(conn.peer_entry.clone())
     };
     if let Some(xff) = xff {
         headers.insert(X_FORWARDED_FOR, xff);
@@ -264,100 +297,75 @@ impl HttpBody for RequestBody {
     }
 }
 
-type UpstreamClient = Client<HttpConnector, RequestBody>;
-
-/// Pooled keep-alive clients, one per connect timeout (the connector owns that setting), kept
-/// across reloads so a reload does not drop upstream connections.
-#[derive(Default)]
-pub struct Forwarder {
-    clients: Mutex<HashMap<Duration, UpstreamClient>>,
-}
-
-impl Forwarder {
-    fn client(&self, connect_timeout: Duration) -> UpstreamClient {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        clients
-            .entry(connect_timeout)
-            .or_insert_with(|| {
-                let mut connector = HttpConnector::new();
-                connector.set_connect_timeout(Some(connect_timeout));
-                connector.set_nodelay(true);
-                connector.set_keepalive(Some(Duration::from_secs(60)));
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(60))
-                    .pool_max_idle_per_host(usize::MAX)
-                    .pool_timer(hyper_util::rt::TokioTimer::new())
-                    .build(connector)
-            })
-            .clone()
-    }
-
-    /// Sends `request` (whose headers the caller has prepared) to the next target of
-    /// `upstream` and waits for the response head, bounded by the upstream's timeout. The
-    /// response's hop-by-hop headers are stripped and `Via` added; a `101` is spliced to the
-    /// client connection.
-    pub async fn forward(
-        &self,
-        upstream: &Upstream,
-        mut request: Request<RequestBody>,
-        watch: &BodyWatch,
-        max_body: Option<u64>,
-        upgrade_idle: Duration,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let target: &Target = upstream.pick();
+/// Sends `request` (whose headers the caller has prepared) to target `target` of `upstream`
+/// through its connection pool and waits for the response head, bounded by the upstream's
+/// timeout. The response's hop-by-hop headers are stripped and `Via` added; a `101` is spliced
+/// to the client connection.
+pub async fn forward(
+    upstream: &Upstream,
+    target: usize,
+    pool: &Arc<TargetPool>,
+    mut request: Request<RequestBody>,
+    watch: &BodyWatch,
+    max_body: Option<u64>,
+    upgrade_idle: Duration,
+) -> Result<Response<PooledBody>, ProxyError> {
+    let authority = &upstream.targets[target].authority;
+    // The upstream gets origin-form (`/path?query`), whatever form the client used.
+    if request.uri().scheme().is_some() || request.uri().authority().is_some() {
         let path = request
             .uri()
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *request.uri_mut() = Uri::builder()
-            .scheme(target.scheme.clone())
-            .authority(target.authority.clone())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| ProxyError::Upstream(upstream.name.clone(), e.to_string()))?;
-        *request.version_mut() = Version::HTTP_11;
-        let upgrade = wants_upgrade(request.headers());
-        let client_upgrade = if upgrade {
-            Some(hyper::upgrade::on(&mut request))
-        } else {
-            None
-        };
-        let client = self.client(upstream.connect_timeout);
-        let sent = tokio::time::timeout(upstream.timeout, client.request(request)).await;
-        let mut response = match sent {
-            Err(_) => {
-                return Err(ProxyError::Timeout(
-                    target.authority.to_string(),
-                    upstream.timeout,
-                ));
-            }
-            Ok(Err(e)) => {
-                if let Some(fault) = watch.fault(max_body.unwrap_or(0)) {
-                    return Err(fault);
-                }
-                if e.is_connect() {
-                    return Err(ProxyError::Connect(target.authority.to_string()));
-                }
-                return Err(ProxyError::Upstream(
-                    target.authority.to_string(),
-                    error_chain(&e),
-                ));
-            }
-            Ok(Ok(r)) => r,
-        };
-        if let Some(fault) = watch.fault(max_body.unwrap_or(0)) {
-            return Err(fault);
-        }
-        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        if switching && let Some(client_upgrade) = client_upgrade {
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(splice(client_upgrade, upstream_upgrade, upgrade_idle));
-        }
-        strip_hop_by_hop(response.headers_mut(), switching, &[]);
-        append_via(response.headers_mut());
-        Ok(response)
+        *request.uri_mut() = Uri::from(path);
     }
+    *request.version_mut() = Version::HTTP_11;
+    if !request.headers().contains_key(header::HOST) {
+        // An HTTP/1.0 client may omit Host; an HTTP/1.1 upstream requires one.
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+            request.headers_mut().insert(header::HOST, host);
+        }
+    }
+    let client_upgrade = if wants_upgrade(request.headers()) {
+        Some(hyper::upgrade::on(&mut request))
+    } else {
+        None
+    };
+    let sent = tokio::time::timeout(upstream.timeout, pool.send(request)).await;
+    let mut response = match sent {
+        Err(_) => {
+            return Err(ProxyError::Timeout(authority.to_string(), upstream.timeout));
+        }
+        Ok(Err(e)) => {
+            if let Some(fault) = watch.fault(max_body.unwrap_or(0)) {
+                return Err(fault);
+            }
+            return Err(match e {
+                UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_) => {
+                    ProxyError::Connect(authority.to_string())
+                }
+                UpstreamError::Http(e) => {
+                    ProxyError::Upstream(authority.to_string(), error_chain(&e))
+                }
+            });
+        }
+        Ok(Ok(r)) => r,
+    };
+    if let Some(fault) = watch.fault(max_body.unwrap_or(0)) {
+        return Err(fault);
+    }
+    if let Err(e) = crate::framing::check_response(response.headers()) {
+        return Err(ProxyError::Upstream(authority.to_string(), e.to_string()));
+    }
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switching && let Some(client_upgrade) = client_upgrade {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(splice(client_upgrade, upstream_upgrade, upgrade_idle));
+    }
+    strip_hop_by_hop(response.headers_mut(), switching, &[]);
+    append_via(response.headers_mut());
+    Ok(response)
 }
 
 /// Copies bytes both ways between an upgraded client and upstream until either side closes or
@@ -449,10 +457,11 @@ mod tests {
 
     #[test]
     fn forwarding_headers() {
-        let conn = ConnInfo {
-            peer: "192.0.2.1:5555".parse().unwrap(),
-            scheme: Scheme::HTTP,
-        };
+        let conn = ConnInfo::new(
+            "192.0.2.1:5555".parse().unwrap(),
+            Scheme::HTTP,
+            Default::default(),
+        );
         let mut h = map(&[
             ("x-forwarded-for", "198.51.100.1"),
             ("x-forwarded-proto", "https"),

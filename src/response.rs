@@ -5,14 +5,13 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 use crate::limiter::algorithm::{Micros, Outcome};
 use crate::limiter::{Decision, Item};
 use crate::policy::{HeaderStyle, Limit, Mode, Route};
 
 /// Responses carry either the upstream's streamed body or one of ours, built whole.
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<crate::upstream::PooledBody, Full<Bytes>>;
 
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");

@@ -17,7 +17,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
+use crate::framing::{AmbiguousHeads, HeadScanner};
 use crate::timeouts::WriteStall;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::app::App;
 use crate::pipeline;
@@ -124,6 +128,89 @@ fn builder(app: &App) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// The protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells HTTP/1 from HTTP/2 prior knowledge by peeking at the first bytes, within the header
+/// read timeout: hyper-util's own sniffing waits for 24 bytes without any timer, so a client that
+/// sends nothing (or a few bytes) would hold a connection slot forever. None: closed or silent.
+async fn sniff(stream: &TcpStream, limit: Duration) -> Option<Protocol> {
+    let peeking = async {
+        let mut buf = [0u8; 24];
+        loop {
+            let n = stream.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if buf[..n] != H2_PREFACE[..n] {
+                return Some(Protocol::Http1);
+            }
+            if n == buf.len() {
+                return Some(Protocol::Http2);
+            }
+            // A partial preface: wait for the rest (peek returns at once while data is queued).
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(limit, peeking).await.ok().flatten()
+}
+
+/// An HTTP/1 connection's read side, watched by a [`HeadScanner`] for heads that carry both
+/// framing headers (hyper hides those from the service).
+struct Scanned<T> {
+    inner: T,
+    scanner: HeadScanner,
+    heads: Arc<AmbiguousHeads>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Scanned<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let this = &mut *self;
+            this.scanner.feed(&buf.filled()[before..], &this.heads);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Scanned<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, b)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 async fn connection(
     app: Arc<App>,
     stream: TcpStream,
@@ -133,14 +220,16 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let rt = app.runtime();
     let tls = rt.tls.clone();
-    let stream = WriteStall::new(stream, rt.policy.server.send_timeout);
+    let send_timeout = rt.policy.server.send_timeout;
+    let header_timeout = rt.policy.server.header_read_timeout;
     drop(rt);
     let scheme = if tls.is_some() {
         Scheme::HTTPS
     } else {
         Scheme::HTTP
     };
-    let conn = Arc::new(ConnInfo { peer, scheme });
+    let heads = Arc::new(AmbiguousHeads::default());
+    let conn = Arc::new(ConnInfo::new(peer, scheme, heads.clone()));
     let svc_app = app.clone();
     let service = service_fn(move |request| {
         let app = svc_app.clone();
@@ -150,12 +239,17 @@ async fn connection(
     let builder = builder(&app);
     let result = match tls {
         None => {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            watcher.watch(conn.into_owned()).await
+            let Some(protocol) = sniff(&stream, header_timeout).await else {
+                tracing::debug!(%peer, "closed or silent before a request");
+                return;
+            };
+            let io = WriteStall::new(stream, send_timeout);
+            serve_io(builder, protocol, io, heads, service, watcher).await
         }
         Some(acceptor) => {
+            let io = WriteStall::new(stream, send_timeout);
             let stream =
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -166,11 +260,54 @@ async fn connection(
                         return;
                     }
                 };
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            watcher.watch(conn.into_owned()).await
+            // ALPN decided the protocol: no sniffing, so hyper's header timer runs at once.
+            let protocol = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Protocol::Http2,
+                _ => Protocol::Http1,
+            };
+            serve_io(builder, protocol, stream, heads, service, watcher).await
         }
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn serve_io<I, S>(
+    builder: auto::Builder<TokioExecutor>,
+    protocol: Protocol,
+    io: I,
+    heads: Arc<AmbiguousHeads>,
+    service: S,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> Result<(), BoxError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::response::Body>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    match protocol {
+        Protocol::Http1 => {
+            let io = Scanned {
+                inner: io,
+                scanner: HeadScanner::default(),
+                heads,
+            };
+            let builder = builder.http1_only();
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            watcher.watch(conn.into_owned()).await
+        }
+        Protocol::Http2 => {
+            let builder = builder.http2_only();
+            let conn = builder.serve_connection(TokioIo::new(io), service);
+            watcher.watch(conn.into_owned()).await
+        }
     }
 }

@@ -502,6 +502,7 @@ fn upstreams(
             name.clone(),
             Arc::new(Upstream::new(
                 name.clone(),
+                out.len(),
                 targets,
                 connect_timeout,
                 timeout,
@@ -578,6 +579,7 @@ fn routes(
                 );
                 Arc::new(Upstream::new(
                     String::new(),
+                    usize::MAX,
                     Vec::new(),
                     Duration::ZERO,
                     Duration::ZERO,

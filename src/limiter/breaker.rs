@@ -97,15 +97,31 @@ impl Breaker {
         }
     }
 
-    /// The store answered.
-    pub fn success(&self, probe: Option<ProbeGuard<'_>>) {
+    /// Another breaker of the same store saw it answer again: probe at the next call instead of
+    /// waiting out the back-off.
+    pub fn nudge(&self) {
+        let until = self.open_until.load(Ordering::Acquire);
+        if until != 0 {
+            let _ = self.open_until.compare_exchange(
+                until,
+                self.now_ms(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
+    /// The store answered. Returns whether this closed an open circuit.
+    pub fn success(&self, probe: Option<ProbeGuard<'_>>) -> bool {
         self.failures.store(0, Ordering::Release);
-        if self.open_until.swap(0, Ordering::AcqRel) != 0 {
+        let closed = self.open_until.swap(0, Ordering::AcqRel) != 0;
+        if closed {
             self.backoff_ms
                 .store(MIN_BACKOFF.as_millis() as u64, Ordering::Release);
             tracing::info!("store answers again: circuit closed");
         }
         drop(probe);
+        closed
     }
 
     /// The store failed or timed out.

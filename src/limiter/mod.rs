@@ -146,11 +146,26 @@ impl Store {
         }
     }
 
-    /// The circuit breaker in front of a store that can fail (Redis).
-    pub fn breaker(&self) -> Option<&breaker::Breaker> {
+    /// The circuit breaker guarding a decision about `tag`, for a store that can fail (Redis).
+    pub fn breaker(&self, tag: &Tag) -> Option<&breaker::Breaker> {
         match self {
             Store::Memory(_) => None,
-            Store::Redis(r) => Some(&r.breaker),
+            Store::Redis(r) => Some(r.breaker_for(tag)),
+        }
+    }
+
+    /// Lets every open breaker of the store probe at its next call.
+    pub fn nudge_breakers(&self) {
+        if let Store::Redis(r) = self {
+            r.breakers.iter().for_each(breaker::Breaker::nudge);
+        }
+    }
+
+    /// How many of the store's circuit breakers are open.
+    pub fn open_breakers(&self) -> usize {
+        match self {
+            Store::Memory(_) => 0,
+            Store::Redis(r) => r.breakers.iter().filter(|b| b.is_open()).count(),
         }
     }
 }
@@ -160,7 +175,7 @@ impl Store {
 pub struct LimiterMetrics {
     /// Requests rejected from the local over-limit cache, without a store call.
     pub local_denials: prometheus_client::metrics::counter::Counter,
-    /// 1 while the store's circuit breaker is open.
+    /// Store circuit breakers open (one for a single server, one per 1/64 of a cluster's slots).
     pub circuit_open: prometheus_client::metrics::gauge::Gauge,
     /// Failed decisions by kind.
     pub errors: prometheus_client::metrics::family::Family<
@@ -186,7 +201,7 @@ impl Limiter {
             self.metrics.local_denials.inc();
             return Ok(local);
         }
-        let breaker = self.store.breaker();
+        let breaker = items.first().and_then(|i| self.store.breaker(&i.tag));
         let probe = match breaker.map(|b| b.admit()) {
             None | Some(breaker::Admission::Call) => None,
             Some(breaker::Admission::Probe(guard)) => Some(guard),
@@ -203,10 +218,17 @@ impl Limiter {
         };
         if let Some(b) = breaker {
             match &result {
-                Ok(_) => b.success(probe),
+                Ok(_) => {
+                    if b.success(probe) {
+                        // One group of slots answers again: let the others probe now too.
+                        self.store.nudge_breakers();
+                    }
+                }
                 Err(_) => b.failure(probe),
             }
-            self.metrics.circuit_open.set(i64::from(b.is_open()));
+            self.metrics
+                .circuit_open
+                .set(self.store.open_breakers() as i64);
         }
         match &result {
             Ok(decision) => self.denials.remember(items, decision, asked),

@@ -88,6 +88,34 @@ pub fn key_name(prefix: &str, id: u64, tag: &Tag) -> String {
     key
 }
 
+/// Cluster slots are grouped into this many buckets for the circuit breakers.
+const SLOT_BUCKETS: usize = 64;
+
+/// CRC16/XMODEM, the checksum Redis Cluster maps keys to slots with.
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in bytes {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// The cluster slot of every key of an identity (its hash tag is the base64 of the tag).
+pub fn slot_of(tag: &Tag) -> u16 {
+    let mut encoded = [0u8; 22];
+    let n = URL_SAFE_NO_PAD
+        .encode_slice(tag, &mut encoded)
+        .expect("16 bytes fit 22 base64 characters");
+    crc16(&encoded[..n]) % 16384
+}
+
 /// A multiplexed connection and whether it has failed.
 pub struct Conn {
     inner: MultiplexedConnection,
@@ -139,8 +167,10 @@ enum Backend {
 
 /// The Redis backend.
 pub struct RedisStore {
-    /// Shared with every policy that keeps this store across reloads.
-    pub breaker: super::breaker::Breaker,
+    /// Circuit breakers, shared with every policy that keeps this store across reloads: one
+    /// for a single server; for a cluster one per 1/64 of the slots, so a dead primary opens
+    /// only the breakers of its own slots and the other primaries keep deciding.
+    pub breakers: Vec<super::breaker::Breaker>,
     backend: Backend,
     decide: Script,
     refund: Script,
@@ -153,7 +183,7 @@ fn breaks_connection(e: &RedisError) -> bool {
 }
 
 /// Reads the TLS files of `settings`, if any.
-fn tls_certificates(settings: &RedisSettings) -> Result<Option<TlsCertificates>, StoreError> {
+pub fn tls_certificates(settings: &RedisSettings) -> Result<Option<TlsCertificates>, StoreError> {
     if settings.tls_ca.is_none() && settings.tls_client.is_none() {
         return Ok(None);
     }
@@ -189,6 +219,14 @@ fn connection_info(url: &str, settings: &RedisSettings) -> Result<ConnectionInfo
 }
 
 impl RedisStore {
+    /// The breaker guarding a decision about `tag`'s keys.
+    pub fn breaker_for(&self, tag: &Tag) -> &super::breaker::Breaker {
+        if self.breakers.len() == 1 {
+            return &self.breakers[0];
+        }
+        &self.breakers[usize::from(slot_of(tag)) * self.breakers.len() / 16384]
+    }
+
     /// Builds the store. Never connects: connections are made on first use (bb8) or in the
     /// background (cluster), so tollgate starts while Redis is down.
     pub fn new(settings: &RedisSettings) -> Result<RedisStore, StoreError> {
@@ -238,8 +276,12 @@ impl RedisStore {
                 Backend::Cluster(client.get_pending_async_connection_with_config(config))
             }
         };
+        let breakers = match backend {
+            Backend::Single(_) => 1,
+            Backend::Cluster(_) => SLOT_BUCKETS,
+        };
         Ok(RedisStore {
-            breaker: super::breaker::Breaker::default(),
+            breakers: (0..breakers).map(|_| Default::default()).collect(),
             backend,
             decide: Script::new(SCRIPT),
             refund: Script::new(REFUND_SCRIPT),
@@ -498,6 +540,14 @@ mod tests {
         assert_eq!(key.len(), "tollgate".len() + 2 + 22 + 2 + 11);
         assert_ne!(key, key_name("tollgate", 43, &[7u8; 16]));
         assert_ne!(key, key_name("tollgate", 42, &[8u8; 16]));
+    }
+
+    #[test]
+    fn slots_match_redis() {
+        // CLUSTER KEYSLOT values from Redis for these strings.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(crc16(b"foo") % 16384, 12182);
+        assert_eq!(crc16(b"user1000") % 16384, 3443);
     }
 
     #[test]
