@@ -29,25 +29,35 @@ end
 
 local peek = ARGV[2] == '1'
 local algorithms = { fixed_window, sliding_window, sliding_log, token_bucket, gcra }
-local results = {}
+-- Per limit, flat: allowed, remaining, reset, retry, receipt, state, ttl, code.
+local r = {}
 local admitted = 1
 for i = 1, #KEYS do
   local a = 2 + 6 * (i - 1)
-  local algorithm = algorithms[tonumber(ARGV[a + 1])]
-  local r = algorithm(KEYS[i], now, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
-    tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), peek)
-  results[i] = r
-  if r[1] == 0 and ARGV[a + 6] ~= '1' then admitted = 0 end
+  local code = tonumber(ARGV[a + 1])
+  local o = 8 * (i - 1)
+  r[o + 1], r[o + 2], r[o + 3], r[o + 4], r[o + 5], r[o + 6], r[o + 7] =
+    algorithms[code](KEYS[i], now, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
+      tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), peek)
+  r[o + 8] = code
+  if r[o + 1] == 0 and ARGV[a + 6] ~= '1' then admitted = 0 end
 end
 
 local reply = { admitted }
 for i = 1, #KEYS do
-  local r = results[i]
-  if admitted == 1 and r[1] == 1 and not peek then r[5]() end
-  reply[#reply + 1] = r[1]
-  reply[#reply + 1] = r[2]
-  reply[#reply + 1] = r[3]
-  reply[#reply + 1] = r[4]
-  reply[#reply + 1] = r[6]
+  local o = 8 * (i - 1)
+  if admitted == 1 and r[o + 1] == 1 and not peek then
+    if r[o + 8] == 3 then
+      sliding_log_commit(KEYS[i], r[o + 6], tonumber(ARGV[2 + 6 * (i - 1) + 5]), r[o + 7])
+    else
+      redis.call('SET', KEYS[i], r[o + 6], 'PX', ttl_ms(r[o + 7]))
+    end
+  end
+  local n = #reply
+  reply[n + 1] = r[o + 1]
+  reply[n + 2] = r[o + 2]
+  reply[n + 3] = r[o + 3]
+  reply[n + 4] = r[o + 4]
+  reply[n + 5] = r[o + 5]
 end
 return reply

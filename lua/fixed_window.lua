@@ -1,44 +1,44 @@
 -- fixed_window: at most `quota` units in each window of `window` microseconds, windows aligned
 -- to the Unix epoch so that every replica and every Redis node agree on their edges.
 --
--- KEY    a hash { i = window number (floor(now / window)), n = units admitted in it }.
+-- KEY    a string "<window number>:<units admitted in it>".
 -- ARGV   (the limit's slot in decide.lua) p1 = quota, p2 = window us, p3 unused.
--- Result { allowed 1|0, remaining units, reset us (end of window), retry_after us, commit,
---          receipt = the window number (what fixed_window_refund needs) }.
+-- Result allowed, remaining units, reset us (end of window), retry_after us,
+--        receipt = the window number (what fixed_window_refund needs), new state, ttl.
 -- TTL    until the window ends, plus the slack: a later window starts from zero anyway.
 -- A clock that steps back keeps counting in the newest window seen (never reopens a window).
 -- Trade-off: constant memory, but up to 2 x quota can pass around a window edge.
 local function fixed_window(key, now, quota, window, _, cost)
-  local s = redis.call('HMGET', key, 'i', 'n')
   local index = math.floor(now / window)
   local count = 0
-  if s[1] then
-    local stored = tonumber(s[1])
+  local v = redis.call('GET', key)
+  if v then
+    local i, n = string.match(v, '^(%d+):(%d+)$')
+    local stored = tonumber(i)
     if stored >= index then
       index = stored
-      count = tonumber(s[2])
+      count = tonumber(n)
     end
   end
   local reset = (index + 1) * window - now
   if reset < 0 then reset = 0 end
   if count + cost <= quota then
-    return { 1, quota - count - cost, reset, 0, function()
-      redis.call('HSET', key, 'i', index, 'n', count + cost)
-      expire_in(key, (index + 1) * window - now)
-    end, index }
+    return 1, quota - count - cost, reset, 0, index,
+      string.format('%d:%d', index, count + cost), (index + 1) * window - now
   end
   local remaining = quota - count
   if remaining < 0 then remaining = 0 end
-  return { 0, remaining, reset, reset, nil, 0 }
+  return 0, remaining, reset, reset, 0
 end
 
 -- Gives back `cost` units admitted in window `receipt` (Redis Cluster: another slot of the same
 -- request rejected it). A window that has moved on has nothing to give back.
 local function fixed_window_refund(key, receipt, _quota, _window, _unused, cost)
-  local s = redis.call('HMGET', key, 'i', 'n')
-  if s[1] and tonumber(s[1]) == receipt then
-    local n = tonumber(s[2]) - cost
-    if n < 0 then n = 0 end
-    redis.call('HSET', key, 'n', n)
-  end
+  local v = redis.call('GET', key)
+  if not v then return end
+  local i, n = string.match(v, '^(%d+):(%d+)$')
+  if tonumber(i) ~= receipt then return end
+  n = tonumber(n) - cost
+  if n < 0 then n = 0 end
+  redis.call('SET', key, string.format('%d:%d', receipt, n), 'KEEPTTL')
 end

@@ -3,8 +3,8 @@
 --
 -- KEY    a string: the theoretical arrival time (TAT) of the next cell, in us.
 -- ARGV   (the limit's slot in decide.lua) p1 = burst, p2 = interval us, p3 unused.
--- Result { allowed 1|0, remaining cells, reset us (TAT reaches now), retry_after us, commit,
---          receipt 0 }.
+-- Result allowed, remaining cells, reset us (TAT reaches now), retry_after us, receipt 0,
+--        new state, ttl.
 -- TTL    until the TAT, plus the slack: a TAT in the past equals a missing key.
 -- Trade-off: one integer per key, the least memory of all; same behaviour as token_bucket.
 local function gcra(key, now, burst, interval, _, cost)
@@ -14,14 +14,12 @@ local function gcra(key, now, burst, interval, _, cost)
   if now > start then start = now end
   local nxt = start + cost * interval
   if nxt - now <= tolerance then
-    return { 1, math.floor((tolerance - (nxt - now)) / interval), nxt - now, 0, function()
-      redis.call('SET', key, string.format('%d', nxt), 'PX',
-        math.ceil((nxt - now + TTL_SLACK_US) / 1000))
-    end, 0 }
+    return 1, math.floor((tolerance - (nxt - now)) / interval), nxt - now, 0, 0,
+      string.format('%d', nxt), nxt - now
   end
   local room = tolerance - (start - now)
   if room < 0 then room = 0 end
-  return { 0, math.floor(room / interval), start - now, nxt - now - tolerance, nil, 0 }
+  return 0, math.floor(room / interval), start - now, nxt - now - tolerance, 0
 end
 
 -- Moves the TAT back by the cells an admission took.

@@ -1,7 +1,17 @@
--- tollgate prelude: helpers shared by the algorithm files. The scripts in this folder are
--- concatenated in this order into one script: prelude.lua, fixed_window.lua, sliding_window.lua,
--- sliding_log.lua, token_bucket.lua, gcra.lua, decide.lua. decide.lua states the whole script's
--- KEYS, ARGV and reply.
+-- tollgate prelude: what the algorithm files share. The scripts in this folder are joined into
+-- one script in this order: prelude.lua, fixed_window.lua, sliding_window.lua, sliding_log.lua,
+-- token_bucket.lua, gcra.lua, then decide.lua (or refund.lua). decide.lua states the whole
+-- script's KEYS, ARGV and reply.
+--
+-- Every algorithm is a function
+--   check(key, now, p1, p2, p3, cost, peek)
+--     -> allowed 1|0, remaining, reset us, retry_after us, receipt, state, ttl us
+-- that reads its key and returns what admitting `cost` would do, and, when allowed, the new
+-- state (a string) and how long it must live. decide.lua writes the states only when every
+-- enforced limit allowed: one SET ... PX per limit (state and TTL in one command), so nothing
+-- is ever written without its TTL. The sliding log is the one exception (a sorted set): its
+-- `state` is the first timestamp to add, and decide.lua adds the members itself.
+-- A refund function per algorithm gives back what a commit took (see refund.lua).
 --
 -- Arithmetic: every number is an integer below 2^53 (tollgate validates the bounds), so Lua's
 -- doubles hold it exactly and redis.call converts it to a string without loss. Never use
@@ -11,8 +21,8 @@
 -- (1 s, TTL_SLACK in src/limiter/algorithm.rs), so expiry never races a decision.
 local TTL_SLACK_US = 1000000
 
--- Sets the TTL of `key` to `ttl_us` microseconds plus the slack, rounded up to milliseconds.
-local function expire_in(key, ttl_us)
+-- A TTL for SET ... PX / PEXPIRE: `ttl_us` plus the slack, rounded up to milliseconds.
+local function ttl_ms(ttl_us)
   if ttl_us < 0 then ttl_us = 0 end
-  redis.call('PEXPIRE', key, math.ceil((ttl_us + TTL_SLACK_US) / 1000))
+  return math.ceil((ttl_us + TTL_SLACK_US) / 1000)
 end

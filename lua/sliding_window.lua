@@ -4,26 +4,27 @@
 -- Because the estimate includes the whole current count, no aligned window ever admits more
 -- than `quota`; inside the window the previous count is assumed evenly spread.
 --
--- KEY    a hash { i = current window number, c = its count, p = previous window's count }.
+-- KEY    a string "<current window number>:<its count>:<previous window's count>".
 -- ARGV   (the limit's slot in decide.lua) p1 = quota, p2 = window us, p3 unused.
--- Result { allowed 1|0, remaining units, reset us, retry_after us, commit,
---          receipt = the window number the units went into }.
+-- Result allowed, remaining units, reset us, retry_after us,
+--        receipt = the window number the units went into, new state, ttl.
 -- TTL    until the end of the window after the current one (the current count weighs on it),
 --        plus the slack.
 -- The weighting uses ceil(previous * (window - elapsed) / window) evaluated in doubles, left to
 -- right; the memory store evaluates it identically, so both agree to the bit.
 local function sliding_window(key, now, quota, window, _, cost)
-  local s = redis.call('HMGET', key, 'i', 'c', 'p')
   local index = math.floor(now / window)
   local current, previous = 0, 0
-  if s[1] then
-    local stored = tonumber(s[1])
+  local v = redis.call('GET', key)
+  if v then
+    local i, c, p = string.match(v, '^(%d+):(%d+):(%d+)$')
+    local stored = tonumber(i)
     if stored >= index then
       index = stored
-      current = tonumber(s[2])
-      previous = tonumber(s[3])
+      current = tonumber(c)
+      previous = tonumber(p)
     elseif stored == index - 1 then
-      previous = tonumber(s[2])
+      previous = tonumber(c)
     end
   end
   local start = index * window
@@ -38,10 +39,8 @@ local function sliding_window(key, now, quota, window, _, cost)
   if estimate + cost <= quota then
     local reset = start + 2 * window - now
     if reset < 0 then reset = 0 end
-    return { 1, quota - estimate - cost, reset, 0, function()
-      redis.call('HSET', key, 'i', index, 'c', current + cost, 'p', previous)
-      expire_in(key, (index + 2) * window - now)
-    end, index }
+    return 1, quota - estimate - cost, reset, 0, index,
+      string.format('%d:%d:%d', index, current + cost, previous), (index + 2) * window - now
   end
   local reset = 0
   if current > 0 then
@@ -71,23 +70,24 @@ local function sliding_window(key, now, quota, window, _, cost)
   end
   local remaining = quota - estimate
   if remaining < 0 then remaining = 0 end
-  return { 0, remaining, reset, retry, nil, 0 }
+  return 0, remaining, reset, retry, 0
 end
 
 -- Gives back `cost` units admitted in window `receipt`, wherever that window now sits.
 local function sliding_window_refund(key, receipt, _quota, _window, _unused, cost)
-  local s = redis.call('HMGET', key, 'i', 'c', 'p')
-  if not s[1] then return end
-  local index = tonumber(s[1])
-  local field, value
+  local v = redis.call('GET', key)
+  if not v then return end
+  local i, c, p = string.match(v, '^(%d+):(%d+):(%d+)$')
+  local index = tonumber(i)
+  c, p = tonumber(c), tonumber(p)
   if index == receipt then
-    field, value = 'c', tonumber(s[2])
+    c = c - cost
+    if c < 0 then c = 0 end
   elseif index == receipt + 1 then
-    field, value = 'p', tonumber(s[3])
+    p = p - cost
+    if p < 0 then p = 0 end
   else
     return
   end
-  value = value - cost
-  if value < 0 then value = 0 end
-  redis.call('HSET', key, field, value)
+  redis.call('SET', key, string.format('%d:%d:%d', index, c, p), 'KEEPTTL')
 end

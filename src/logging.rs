@@ -85,6 +85,13 @@ static REJECTED: Throttle = Throttle::new();
 static SHADOW: Throttle = Throttle::new();
 static STORE: Throttle = Throttle::new();
 static UPSTREAM: Throttle = Throttle::new();
+static CONNECT: Throttle = Throttle::new();
+
+pub fn store_connect_error(error: &redis::RedisError) {
+    if let Some(suppressed) = CONNECT.allow() {
+        tracing::warn!(%error, suppressed, "cannot connect to Redis");
+    }
+}
 
 pub fn rejected(route: &str, client: IpAddr, retry_after: u64) {
     if let Some(suppressed) = REJECTED.allow() {

@@ -67,6 +67,9 @@ impl Capacity {
 pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
     let capacity = Arc::new(Capacity::default());
+    // Connections that have not started HTTP yet (sniffing, TLS handshake) are not known to
+    // `graceful`; this tells them to give up when draining starts.
+    let (draining, drain) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let max = app.runtime().policy.server.max_connections;
@@ -82,8 +85,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
                     let slot = Slot(capacity.clone(), app.clone());
                     let app = app.clone();
                     let watcher = graceful.watcher();
+                    let drain = drain.clone();
                     tokio::spawn(async move {
-                        connection(app, stream, peer, watcher).await;
+                        connection(app, stream, peer, watcher, drain).await;
                         drop(slot);
                     });
                 }
@@ -98,6 +102,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
         }
     }
     drop(listener);
+    let _ = draining.send(true);
     let grace = app.runtime().policy.server.shutdown_grace;
     tracing::info!(grace = ?grace, connections = graceful.count(), "draining");
     tokio::select! {
@@ -216,6 +221,7 @@ async fn connection(
     stream: TcpStream,
     peer: std::net::SocketAddr,
     watcher: hyper_util::server::graceful::Watcher,
+    mut drain: tokio::sync::watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let rt = app.runtime();
@@ -239,8 +245,12 @@ async fn connection(
     let builder = builder(&app);
     let result = match tls {
         None => {
-            let Some(protocol) = sniff(&stream, header_timeout).await else {
-                tracing::debug!(%peer, "closed or silent before a request");
+            let sniffed = tokio::select! {
+                p = sniff(&stream, header_timeout) => p,
+                _ = drain.wait_for(|d| *d) => None,
+            };
+            let Some(protocol) = sniffed else {
+                tracing::debug!(%peer, "closed, silent or draining before a request");
                 return;
             };
             let io = WriteStall::new(stream, send_timeout);
@@ -248,18 +258,21 @@ async fn connection(
         }
         Some(acceptor) => {
             let io = WriteStall::new(stream, send_timeout);
-            let stream =
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
+            let handshake = tokio::select! {
+                r = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)) => r,
+                _ = drain.wait_for(|d| *d) => return,
+            };
+            let stream = match handshake {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
             // ALPN decided the protocol: no sniffing, so hyper's header timer runs at once.
             let protocol = match stream.get_ref().1.alpn_protocol() {
                 Some(b"h2") => Protocol::Http2,

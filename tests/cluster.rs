@@ -384,14 +384,13 @@ fn pair_route(per_key: u64, per_ip: u64) -> String {
     )
 }
 
-/// A fixed_window key's count (`n`), 0 when absent.
+/// A fixed_window key's count (its state is "<window>:<count>"), 0 when absent.
 fn window_count(cluster: &Cluster, key: &str) -> i64 {
-    let count: Option<i64> = redis::cmd("HGET")
+    let state: Option<String> = redis::cmd("GET")
         .arg(key)
-        .arg("n")
         .query(&mut cluster.primary_for(key).conn())
         .unwrap();
-    count.unwrap_or(0)
+    state.map_or(0, |s| s.rsplit(':').next().unwrap().parse().unwrap())
 }
 
 fn log_members(cluster: &Cluster, key: &str) -> i64 {
@@ -511,7 +510,9 @@ async fn a_script_cache_flushed_on_every_primary_is_recovered_without_store_erro
     );
     let tg = start_on(&cluster, &upstream, "1s", &routes).await;
     let http = Http::new();
-    let decide_sha = redis::Script::new(tollgate::limiter::redis::SCRIPT)
+    // Single-limit decisions (route "one", and each slot of route "pair") use the gcra,
+    // fixed_window and sliding_log scripts of SINGLE_SCRIPTS; check the gcra one.
+    let decide_sha = redis::Script::new(tollgate::limiter::redis::SINGLE_SCRIPTS[4])
         .get_hash()
         .to_string();
     let refund_sha = redis::Script::new(tollgate::limiter::redis::REFUND_SCRIPT)

@@ -1,0 +1,27 @@
+-- single: the decision of a route with exactly one limit (the common case), without decide.lua's
+-- dispatch. tollgate joins prelude.lua, one algorithm file, a line naming that algorithm's
+-- `check` (and, for the sliding log, its `commit`), and this file: five small scripts.
+--
+-- KEYS, ARGV and reply: as decide.lua with one limit (ARGV[3] is the algorithm code, unused
+-- here). A limit's state is written only when it allows.
+local now
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now = tonumber(ARGV[1])
+end
+local peek = ARGV[2] == '1'
+local cost = tonumber(ARGV[7])
+local allowed, remaining, reset, retry, receipt, state, ttl =
+  check(KEYS[1], now, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), cost, peek)
+local admitted = allowed
+if ARGV[8] == '1' then admitted = 1 end
+if allowed == 1 and not peek then
+  if commit then
+    commit(KEYS[1], state, cost, ttl)
+  else
+    redis.call('SET', KEYS[1], state, 'PX', ttl_ms(ttl))
+  end
+end
+return { admitted, allowed, remaining, reset, retry, receipt }
