@@ -2,7 +2,7 @@
 # One tollgate row for ../shared/bench/peers.py: writes a config for MODE and runs release
 # tollgate in the foreground with one worker thread (the nginx and HAProxy rows use one too).
 #   bench/row.sh MODE LISTEN_PORT UPSTREAM REDIS_URL TMPDIR
-# MODE: nolimit | memory | redis_tb | redis_gcra | redis_tb_10k | flood_memory | flood_redis
+# MODE: nolimit | memory | redis_tb | redis_gcra | redis_tb_10k | redis_batch | flood_memory | flood_redis
 set -euo pipefail
 mode=$1 port=$2 upstream=$3 redis_url=$4 dir=$5
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,6 +23,7 @@ case $mode in
   redis_tb)     store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000 }]' ;;
   redis_gcra)   store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "gcra", rate = "1000000/s", burst = 1000000000 }]' ;;
   redis_tb_10k) store=$store_redis;  limits='limits = [{ by = "query:k", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000 }]' ;;
+  redis_batch)  store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000, batch = 100 }]' ;;
   flood_memory) store=$store_memory; limits='limits = [{ by = "ip", algorithm = "fixed_window", rate = "1/hour" }]' ;;
   flood_redis)  store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "fixed_window", rate = "1/hour" }]' ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;

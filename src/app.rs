@@ -168,6 +168,7 @@ impl Runtime {
                 store,
                 timeout: policy.store.timeout(),
                 denials: Default::default(),
+                leases: Default::default(),
                 metrics: metrics.limiter(),
             },
             policy,

@@ -76,6 +76,7 @@ pub struct Metrics {
     /// Requests tollgate answered before routing (404, 400).
     pub unrouted: Family<Labels1, Counter>,
     pub local_denials: Counter,
+    pub leased: Counter,
     pub circuit_open: Gauge,
 }
 
@@ -114,6 +115,12 @@ impl Metrics {
         let store_errors = Family::<Labels1, Counter>::default();
         let unrouted = Family::<Labels1, Counter>::default();
         let local_denials = Counter::default();
+        let leased = Counter::default();
+        registry.register(
+            "tollgate_leased_admissions",
+            "Requests admitted from a lease of budget taken in advance (limits with `batch`), without a store call",
+            leased.clone(),
+        );
         let circuit_open = Gauge::default();
         registry.register(
             "tollgate_local_denials",
@@ -192,6 +199,7 @@ impl Metrics {
             store_errors,
             unrouted,
             local_denials,
+            leased,
             circuit_open,
         }
     }
@@ -238,6 +246,7 @@ impl Metrics {
     pub fn limiter(&self) -> crate::limiter::LimiterMetrics {
         crate::limiter::LimiterMetrics {
             local_denials: self.local_denials.clone(),
+            leased: self.leased.clone(),
             circuit_open: self.circuit_open.clone(),
             errors: self.store_errors.clone(),
         }

@@ -290,6 +290,8 @@ pub struct Limit {
     /// Stable identity of this limit's counters (see `config::validate::limit_id`): kept across
     /// reloads while route name, algorithm, key and window stay the same.
     pub id: u64,
+    /// Approximate mode: units taken from the store at a time (0: exact).
+    pub batch: u64,
     /// `q` and `w` of RateLimit-Policy.
     pub quota: u64,
     pub window_secs: u64,

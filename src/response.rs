@@ -237,6 +237,7 @@ mod tests {
                 shadow: l.mode == Mode::Shadow,
                 id: l.id,
                 tag: [0; 16],
+                batch: 0,
             })
             .collect()
     }

@@ -283,6 +283,7 @@ fn item(algorithm: Algorithm, cost: u64) -> Item {
         shadow: false,
         id: 1,
         tag: tag(0),
+        batch: 0,
     }
 }
 
@@ -339,6 +340,7 @@ impl Case {
                     shadow: limit.shadow,
                     id: i as u64 + 1,
                     tag: tag(step.who),
+                    batch: 0,
                 }
             })
             .collect()

@@ -1504,6 +1504,7 @@ async fn a_hundred_thousand_identities_per_algorithm_keep_redis_memory_bounded()
                 shadow: false,
                 id: 7,
                 tag,
+                batch: 0,
             }
         };
         // Loads the script without writing a key.

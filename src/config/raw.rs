@@ -109,4 +109,5 @@ pub struct RawLimit {
     pub burst: Option<S<i64>>,
     pub cost: Option<S<i64>>,
     pub mode: Option<S<String>>,
+    pub batch: Option<S<i64>>,
 }

@@ -611,6 +611,24 @@ fn routes(
                 limits.push(limit);
             }
         }
+        // Approximate mode is per route: a route whose every decision goes to the store anyway
+        // would gain nothing from leasing some of its limits.
+        let batched = r
+            .limits
+            .iter()
+            .filter(|l| l.get_ref().batch.is_some())
+            .count();
+        if batched > 0 && batched < r.limits.len() {
+            let first = r
+                .limits
+                .iter()
+                .find(|l| l.get_ref().batch.is_none())
+                .expect("one without batch");
+            v.error(
+                first.span(),
+                "`batch` must be set on every limit of the route or on none (approximate mode is per route)",
+            );
+        }
         let policy_header = policy_header(&limits);
         out.push(Route {
             name: Arc::from(name.as_str()),
@@ -917,6 +935,24 @@ fn limit(
         );
         return None;
     }
+    let batch = match &l.batch {
+        None => 0,
+        Some(b)
+            if *b.get_ref() >= 1 && *b.get_ref() as u64 <= quota && *b.get_ref() as u64 >= cost =>
+        {
+            *b.get_ref() as u64
+        }
+        Some(b) => {
+            v.error(
+                b.span(),
+                format!(
+                    "invalid batch {}; expected from the cost ({cost}) up to the quota ({quota})",
+                    b.get_ref()
+                ),
+            );
+            return None;
+        }
+    };
     let window_secs = if takes_burst {
         (quota as u128 * period_us as u128)
             .div_ceil(count as u128 * 1_000_000)
@@ -941,6 +977,7 @@ fn limit(
         cost,
         mode,
         id,
+        batch,
         quota,
         window_secs,
     })

@@ -171,6 +171,7 @@ mod tests {
             shadow,
             id,
             tag: [id as u8; 16],
+            batch: 0,
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod algorithm;
 pub mod breaker;
 pub mod deny_cache;
+pub mod lease;
 pub mod memory;
 pub mod redis;
 
@@ -28,6 +29,9 @@ pub struct Item {
     pub id: u64,
     /// Who is counted.
     pub tag: Tag,
+    /// Approximate mode: take budget from the store this many units at a time (0: exact,
+    /// every request decided by the store).
+    pub batch: u64,
 }
 
 /// A store's answer for one request.
@@ -175,6 +179,8 @@ impl Store {
 pub struct LimiterMetrics {
     /// Requests rejected from the local over-limit cache, without a store call.
     pub local_denials: prometheus_client::metrics::counter::Counter,
+    /// Requests admitted from a lease (approximate mode), without a store call.
+    pub leased: prometheus_client::metrics::counter::Counter,
     /// Store circuit breakers open (one for a single server, one per 1/64 of a cluster's slots).
     pub circuit_open: prometheus_client::metrics::gauge::Gauge,
     /// Failed decisions by kind.
@@ -190,6 +196,7 @@ pub struct Limiter {
     pub store: Arc<Store>,
     pub timeout: Duration,
     pub denials: deny_cache::DenyCache,
+    pub leases: lease::Leases,
     pub metrics: LimiterMetrics,
 }
 
@@ -201,6 +208,78 @@ impl Limiter {
             self.metrics.local_denials.inc();
             return Ok(local);
         }
+        if !items.is_empty() && items.iter().all(|i| i.batch > 0) {
+            return self.decide_leased(items).await;
+        }
+        self.ask_store(items).await
+    }
+
+    /// Approximate mode: spend from this replica's leases; ask the store only for the limits
+    /// whose lease ran out (one request per key at a time, the others wait for its result),
+    /// for a whole batch or, near the limit, just this request's cost.
+    async fn decide_leased(&self, items: &[Item]) -> Result<Decision, StoreError> {
+        for _ in 0..4 {
+            if let Some(decision) = self.leases.spend(items) {
+                self.metrics.leased.inc();
+                return Ok(decision);
+            }
+            let short = self.leases.short(items);
+            let fetch = match self.leases.claim(items, &short) {
+                lease::Claim::Fetch(fetch) => fetch,
+                lease::Claim::Wait(done) => {
+                    // Bounded like any decision; then look at the leases again.
+                    let _ = tokio::time::timeout(self.timeout, done).await;
+                    continue;
+                }
+            };
+            for whole_batch in [true, false] {
+                let asking: Vec<Item> = short
+                    .iter()
+                    .map(|&i| Item {
+                        cost: if whole_batch {
+                            items[i].batch.max(items[i].cost)
+                        } else {
+                            items[i].cost
+                        },
+                        ..items[i]
+                    })
+                    .collect();
+                let asked = std::time::Instant::now();
+                let decision = self.ask_store(&asking).await?;
+                if decision.admitted {
+                    for ((item, outcome), &i) in asking.iter().zip(&decision.outcomes).zip(&short) {
+                        if outcome.allowed {
+                            self.leases.grant(&items[i], item.cost, outcome, asked);
+                        }
+                    }
+                    break;
+                }
+                if !whole_batch {
+                    // Rejected for this request's own cost: the request is rejected.
+                    let mut outcomes: Vec<Outcome> = items
+                        .iter()
+                        .map(|i| Outcome {
+                            allowed: true,
+                            remaining: i.algorithm.quota(),
+                            reset: 0,
+                            retry_after: 0,
+                        })
+                        .collect();
+                    for (&i, o) in short.iter().zip(&decision.outcomes) {
+                        outcomes[i] = *o;
+                    }
+                    return Ok(Decision::from_outcomes(items, outcomes));
+                }
+            }
+            drop(fetch);
+        }
+        // Concurrent spenders kept winning the fresh units: decide this request exactly.
+        self.ask_store(items).await
+    }
+
+    /// One store decision, bounded by the timeout and guarded by the circuit breaker; a
+    /// rejection is remembered in the over-limit cache.
+    async fn ask_store(&self, items: &[Item]) -> Result<Decision, StoreError> {
         let breaker = items.first().and_then(|i| self.store.breaker(&i.tag));
         let probe = match breaker.map(|b| b.admit()) {
             None | Some(breaker::Admission::Call) => None,
@@ -273,6 +352,7 @@ pub fn items_for(route: &Route, subject: &Subject<'_>) -> Vec<Item> {
                 shadow: limit.mode == Mode::Shadow,
                 id: limit.id,
                 tag,
+                batch: limit.batch,
             }
         })
         .collect()

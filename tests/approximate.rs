@@ -1,0 +1,131 @@
+//! Approximate mode (`batch = N`): replicas take budget from Redis N units at a time. The
+//! admitted count stays within N x replicas of the limit (fixed windows never above it), and
+//! Redis sees about one call per N requests.
+
+mod common;
+
+use common::*;
+
+const LIMIT: u64 = 200;
+const BATCH: u64 = 10;
+const REPLICAS: u64 = 2;
+const CLIENTS: usize = 32;
+const PER_CLIENT: usize = 20;
+
+fn evalsha_calls(redis: &Redis) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.conn())
+        .unwrap();
+    info.lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_lease_budget_in_batches_within_the_documented_bound() {
+    let upstream = Upstream::start().await;
+    let redis = Redis::start();
+    let algorithms = [
+        ("fixed_window", ""),
+        ("sliding_log", ""),
+        ("sliding_window", ""),
+        ("token_bucket", ", burst = 200"),
+        ("gcra", ", burst = 200"),
+    ];
+    let routes: String = algorithms
+        .iter()
+        .map(|(alg, extra)| {
+            format!(
+                "[[routes]]\nname = \"{alg}\"\nupstream = \"api\"\nmatch = {{ path = \"/{alg}\" }}\nlimits = [{{ by = \"header:x-api-key\", algorithm = \"{alg}\", rate = \"{LIMIT}/hour\"{extra}, batch = {BATCH} }}]\n"
+            )
+        })
+        .collect();
+    let text = config(&upstream, &redis_store(&redis), &routes);
+    let replicas = [start_tollgate(&text).await, start_tollgate(&text).await];
+    let addrs: Vec<_> = replicas.iter().map(|r| r.addr).collect();
+    for (alg, _) in algorithms {
+        let calls_before = evalsha_calls(&redis);
+        let mut tasks = Vec::new();
+        for client in 0..CLIENTS {
+            let addrs = addrs.clone();
+            tasks.push(tokio::spawn(async move {
+                let http = Http::new();
+                let mut admitted = 0u64;
+                for i in 0..PER_CLIENT {
+                    let addr = addrs[(client + i) % addrs.len()];
+                    let reply = http
+                        .get(&format!("http://{addr}/{alg}"), &[("x-api-key", "k")])
+                        .await;
+                    match reply.status {
+                        200 => admitted += 1,
+                        429 => {}
+                        other => panic!("{alg}: status {other}"),
+                    }
+                }
+                admitted
+            }));
+        }
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += t.await.unwrap();
+        }
+        let calls = evalsha_calls(&redis) - calls_before;
+        let sent = (CLIENTS * PER_CLIENT) as u64;
+        eprintln!("{alg}: {admitted} admitted of {sent}, {calls} Redis calls");
+        let slack = BATCH * REPLICAS;
+        assert!(admitted >= LIMIT - slack, "{alg}: {admitted} admitted");
+        if alg == "fixed_window" {
+            assert!(
+                admitted <= LIMIT,
+                "{alg}: leases never outlive their window"
+            );
+        } else {
+            assert!(admitted <= LIMIT + slack, "{alg}: {admitted} admitted");
+        }
+        // About one call per batch, plus the final shortfall and rejections (then cached).
+        assert!(
+            calls <= LIMIT / BATCH + 4 * REPLICAS * 2 + 10,
+            "{alg}: {calls} Redis calls for {sent} requests"
+        );
+    }
+    let metrics = replicas[0].app.metrics.render();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tollgate_leased_admissions_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    for r in replicas {
+        r.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn batch_must_be_on_every_limit_of_a_route() {
+    let text = "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.api]\ntargets = [\"http://127.0.0.1:1\"]\n[[routes]]\nname = \"r\"\nupstream = \"api\"\nlimits = [\n  { algorithm = \"gcra\", rate = \"5/s\", batch = 2 },\n  { algorithm = \"fixed_window\", rate = \"5/s\" },\n]\n";
+    let e = tollgate::config::parse(text, "p.toml", std::path::Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("p.toml:10:3: `batch` must be set on every limit"),
+        "{e}"
+    );
+    let e = tollgate::config::parse(
+        &text.replace(
+            "batch = 2 },\n  { algorithm = \"fixed_window\", rate = \"5/s\" }",
+            "batch = 9 }",
+        ),
+        "p.toml",
+        std::path::Path::new("."),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("invalid batch 9; expected from the cost (1) up to the quota (5)"),
+        "{e}"
+    );
+}
