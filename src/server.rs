@@ -11,8 +11,6 @@ use std::time::Duration;
 use http::uri::Scheme;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -65,10 +63,10 @@ impl Capacity {
 
 /// Serves `listener` until `shutdown` resolves, then drains.
 pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let graceful = GracefulShutdown::new();
     let capacity = Arc::new(Capacity::default());
-    // Connections that have not started HTTP yet (sniffing, TLS handshake) are not known to
-    // `graceful`; this tells them to give up when draining starts.
+    // Tells every connection that draining started: one still sniffing or in its TLS handshake
+    // gives up, an HTTP/1 one closes after its in-flight request, an HTTP/2 one sends GOAWAY and
+    // finishes its open streams.
     let (draining, drain) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
@@ -84,10 +82,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
                     app.metrics.open_connections.inc();
                     let slot = Slot(capacity.clone(), app.clone());
                     let app = app.clone();
-                    let watcher = graceful.watcher();
                     let drain = drain.clone();
                     tokio::spawn(async move {
-                        connection(app, stream, peer, watcher, drain).await;
+                        connection(app, stream, peer, drain).await;
                         drop(slot);
                     });
                 }
@@ -104,33 +101,20 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
     drop(listener);
     let _ = draining.send(true);
     let grace = app.runtime().policy.server.shutdown_grace;
-    tracing::info!(grace = ?grace, connections = graceful.count(), "draining");
+    let open = capacity.open.load(Ordering::Acquire);
+    tracing::info!(grace = ?grace, connections = open, "draining");
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("drained"),
+        () = capacity.room(1) => tracing::info!("drained"),
         () = tokio::time::sleep(grace) => {
             tracing::warn!("shutdown grace expired; cutting the remaining requests");
         }
     }
 }
 
-fn builder(app: &App) -> auto::Builder<TokioExecutor> {
-    let rt = app.runtime();
-    let server = &rt.policy.server;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(server.header_read_timeout)
-        .keep_alive(true)
-        .max_buf_size(64 * 1024);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .max_header_list_size(64 * 1024)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
+/// Connection settings taken from the policy in force when the connection starts.
+#[derive(Clone, Copy)]
+struct Settings {
+    header_read_timeout: Duration,
 }
 
 /// The protocol a connection speaks.
@@ -220,7 +204,6 @@ async fn connection(
     app: Arc<App>,
     stream: TcpStream,
     peer: std::net::SocketAddr,
-    watcher: hyper_util::server::graceful::Watcher,
     mut drain: tokio::sync::watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -242,7 +225,9 @@ async fn connection(
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(pipeline::handle(&app, &conn, request).await) }
     });
-    let builder = builder(&app);
+    let settings = Settings {
+        header_read_timeout: header_timeout,
+    };
     let result = match tls {
         None => {
             let sniffed = tokio::select! {
@@ -254,7 +239,7 @@ async fn connection(
                 return;
             };
             let io = WriteStall::new(stream, send_timeout);
-            serve_io(builder, protocol, io, heads, service, watcher).await
+            serve_io(settings, protocol, io, heads, service, drain).await
         }
         Some(acceptor) => {
             let io = WriteStall::new(stream, send_timeout);
@@ -278,7 +263,7 @@ async fn connection(
                 Some(b"h2") => Protocol::Http2,
                 _ => Protocol::Http1,
             };
-            serve_io(builder, protocol, stream, heads, service, watcher).await
+            serve_io(settings, protocol, stream, heads, service, drain).await
         }
     };
     if let Err(e) = result {
@@ -288,13 +273,16 @@ async fn connection(
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Serves one connection with hyper's HTTP/1 or HTTP/2 server directly: the protocol is known
+/// already (sniffed or from ALPN), so hyper-util's auto layer (a rewind buffer and a second
+/// dispatch on every read) is not needed.
 async fn serve_io<I, S>(
-    builder: auto::Builder<TokioExecutor>,
+    settings: Settings,
     protocol: Protocol,
     io: I,
     heads: Arc<AmbiguousHeads>,
     service: S,
-    watcher: hyper_util::server::graceful::Watcher,
+    mut drain: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -313,14 +301,34 @@ where
                 scanner: HeadScanner::default(),
                 heads,
             };
-            let builder = builder.http1_only();
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            watcher.watch(conn.into_owned()).await
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(settings.header_read_timeout)
+                .keep_alive(true)
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => return r.map_err(Into::into),
+                _ = drain.wait_for(|d| *d) => conn.as_mut().graceful_shutdown(),
+            }
+            conn.await.map_err(Into::into)
         }
         Protocol::Http2 => {
-            let builder = builder.http2_only();
-            let conn = builder.serve_connection(TokioIo::new(io), service);
-            watcher.watch(conn.into_owned()).await
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(256)
+                .max_header_list_size(64 * 1024)
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .serve_connection(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => return r.map_err(Into::into),
+                _ = drain.wait_for(|d| *d) => conn.as_mut().graceful_shutdown(),
+            }
+            conn.await.map_err(Into::into)
         }
     }
 }
