@@ -4,8 +4,8 @@
 //! A lease is taken through the ordinary all-or-nothing decision with `cost = N` (so the store
 //! counts the whole batch at once); when a full batch no longer fits, exactly the request's own
 //! cost is asked for instead, so the last units of a limit are never lost to rounding. A lease
-//! expires when the limit's window resets (fixed windows: the units belong to that window) and
-//! after at most [`MAX_LEASE`] otherwise. The bounds, per limit and identity: at most
+//! expires with its fixed window (the units belong to that window), within one window length
+//! for the sliding algorithms, and after at most [`MAX_LEASE`] in any case. The bounds, per limit and identity: at most
 //! N x replicas admitted beyond the limit in any window (units taken in one window and spent
 //! in the next), and at most N x replicas fewer (leases that expire unspent).
 
@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-use super::algorithm::{Micros, Outcome};
+use super::algorithm::{Algorithm, Micros, Outcome};
 use super::{Decision, Item};
 use crate::identity::Tag;
 
@@ -98,7 +98,7 @@ impl Leases {
     }
 
     /// Units this replica holds for `item` right now.
-    fn available(&self, item: &Item, now: Instant) -> u64 {
+    pub fn available(&self, item: &Item, now: Instant) -> u64 {
         self.lock(shard(item))
             .get(&(item.id, item.tag))
             .filter(|l| l.expires > now)
@@ -126,6 +126,15 @@ impl Leases {
         })
     }
 
+    /// The items whose lease is down to less than half a batch: worth refilling before it
+    /// runs out, so that requests do not wait for a fetch.
+    pub fn low(&self, items: &[Item]) -> Vec<usize> {
+        let now = Instant::now();
+        (0..items.len())
+            .filter(|&i| self.available(&items[i], now) * 2 < items[i].batch)
+            .collect()
+    }
+
     /// The items whose lease cannot cover their cost.
     pub fn short(&self, items: &[Item]) -> Vec<usize> {
         let now = Instant::now();
@@ -137,7 +146,17 @@ impl Leases {
     /// Adds a lease of `units` taken for `item` at `asked`, as the store's `outcome` describes.
     pub fn grant(&self, item: &Item, units: u64, outcome: &Outcome, asked: Instant) {
         let reset_at = asked + Duration::from_micros(outcome.reset);
-        let expires = reset_at.min(asked + MAX_LEASE);
+        // Units counted in a window are spent within it: a fixed window's lease ends with the
+        // window, a sliding one's within one window length. A bucket's tokens are simply taken
+        // early; the lease only bounds how early.
+        let life = match item.algorithm {
+            Algorithm::FixedWindow { .. } => Duration::from_micros(outcome.reset),
+            Algorithm::SlidingWindow { window, .. } | Algorithm::SlidingLog { window, .. } => {
+                Duration::from_micros(window)
+            }
+            Algorithm::TokenBucket { .. } | Algorithm::Gcra { .. } => MAX_LEASE,
+        };
+        let expires = asked + life.min(MAX_LEASE);
         let mut map = self.lock(shard(item));
         let key = (item.id, item.tag);
         match map.get_mut(&key) {

@@ -221,6 +221,7 @@ impl Limiter {
         for _ in 0..4 {
             if let Some(decision) = self.leases.spend(items) {
                 self.metrics.leased.inc();
+                self.refill_low(items).await;
                 return Ok(decision);
             }
             let short = self.leases.short(items);
@@ -275,6 +276,36 @@ impl Limiter {
         }
         // Concurrent spenders kept winning the fresh units: decide this request exactly.
         self.ask_store(items).await
+    }
+
+    /// Tops up leases that are running low while they still cover other requests (this request
+    /// is decided already; it only carries the fetch). A rejected top-up changes nothing.
+    async fn refill_low(&self, items: &[Item]) {
+        let low = self.leases.low(items);
+        if low.is_empty() {
+            return;
+        }
+        let lease::Claim::Fetch(fetch) = self.leases.claim(items, &low) else {
+            return;
+        };
+        // Up to a whole batch, never more: a replica holds at most `batch` units of a key.
+        let now = std::time::Instant::now();
+        let asking: Vec<Item> = low
+            .iter()
+            .map(|&i| Item {
+                cost: items[i].batch - self.leases.available(&items[i], now),
+                ..items[i]
+            })
+            .collect();
+        let asked = std::time::Instant::now();
+        if let Ok(decision) = self.ask_store(&asking).await
+            && decision.admitted
+        {
+            for ((item, outcome), &i) in asking.iter().zip(&decision.outcomes).zip(&low) {
+                self.leases.grant(&items[i], item.cost, outcome, asked);
+            }
+        }
+        drop(fetch);
     }
 
     /// One store decision, bounded by the timeout and guarded by the circuit breaker; a
