@@ -7,10 +7,6 @@ use clap::{Parser, Subcommand};
 
 use tollgate::config;
 
-/// mimalloc's thread-local free lists beat glibc malloc on a proxy's many small short-lived
-/// allocations (see the commit that added it for the instruction counts).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tollgate::logging::{self, Format};
 
 #[derive(Parser)]

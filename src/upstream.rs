@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use crate::proxy::RequestBody;
 
 /// Idle connections kept per target.
-const MAX_IDLE: usize = 1024;
+const MAX_IDLE: usize = 8192;
 /// An idle connection older than this is closed instead of reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 

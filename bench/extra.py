@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Two measurements ../shared/bench/peers.py cannot make, with the same placement (proxy alone
+on cpu0; wrk, the nginx upstream and Redis on cpu1) and an nginx baseline in the same run:
+
+1. keys10k: a Redis token bucket on every request with the key spread over 10,000 values
+   (wrk script randomising `?k=`), next to nginx proxying the same requests.
+2. conns5000: tollgate's RSS with 5,000 keep-alive connections busy for 60 s (start, middle,
+   end), next to nginx's.
+
+Loopback only; every process started here is stopped by its PID (process group) at the end.
+Usage: bench/extra.py [--seconds 60] [--out FILE]   (prints Markdown; --out also writes it)
+"""
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BIN = os.path.join(ROOT, "target", "release", "tollgate")
+HOST = "127.0.0.1"
+UP, NGX, TG, REDIS = 18280, 18281, 18290, 18279
+
+
+def start(cmd, cpu, **kw):
+    return subprocess.Popen(["taskset", "-c", str(cpu)] + cmd, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+
+
+def stop(p):
+    if p and p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(5)
+        except Exception:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def wait_port(port, limit=20):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        try:
+            socket.create_connection((HOST, port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"port {port} did not open")
+
+
+def rss_kib(pid):
+    """RSS of a process and its children (nginx: master + worker)."""
+    total = 0
+    pids = [pid] + [int(c) for c in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                     text=True).stdout.split()]
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                m = re.search(r"VmRSS:\s+(\d+)", f.read())
+                total += int(m.group(1)) if m else 0
+        except OSError:
+            pass
+    return total
+
+
+def wrk(url, conns, seconds, script=None):
+    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    if script:
+        cmd += ["-s", script]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 0.001, "ms": 1, "s": 1000}[p99.group(2)]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, float(p99.group(1)) * scale, int(non2xx.group(1)) if non2xx else 0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="tollgate-extra-")
+    with open(os.path.join(work, "up.conf"), "w") as f:
+        f.write(f"""worker_processes 1; daemon off; pid {work}/up.pid; error_log {work}/up.err;
+events {{ worker_connections 20000; }}
+http {{ access_log off; keepalive_requests 10000000;
+  server {{ listen {HOST}:{UP} backlog=4096; location / {{ return 200 "ok\\n"; }} }} }}
+""")
+    with open(os.path.join(work, "proxy.conf"), "w") as f:
+        f.write(f"""worker_processes 1; daemon off; pid {work}/px.pid; error_log {work}/px.err;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 20000; }}
+http {{ access_log off; keepalive_requests 10000000;
+  upstream up {{ server {HOST}:{UP}; keepalive 256; }}
+  server {{ listen {HOST}:{NGX} backlog=4096;
+    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}
+""")
+    with open(os.path.join(work, "keys.lua"), "w") as f:
+        f.write('request = function() return wrk.format("GET", "/?k=" .. math.random(1, 10000)) end\n')
+    procs = []
+    lines = []
+    try:
+        procs.append(start(["nginx", "-c", os.path.join(work, "up.conf")], 1))
+        procs.append(start(["redis-server", "--port", str(REDIS), "--bind", HOST, "--save", "",
+                            "--appendonly", "no"], 1))
+        wait_port(UP)
+        wait_port(REDIS)
+
+        def tollgate(mode):
+            p = start([os.path.join(HERE, "row.sh"), mode, str(TG), f"{HOST}:{UP}",
+                       f"redis://{HOST}:{REDIS}/", work], 0)
+            wait_port(TG)
+            return p
+
+        def nginx_proxy():
+            p = start(["nginx", "-c", os.path.join(work, "proxy.conf")], 0)
+            wait_port(NGX)
+            return p
+
+        # 1. 10k keys
+        rows = []
+        for label, make, port in [("nginx proxy_pass, no limit", nginx_proxy, NGX),
+                                  ("tollgate redis_tb_10k", lambda: tollgate("redis_tb_10k"), TG),
+                                  ("tollgate redis_tb (one hot key)", lambda: tollgate("redis_tb"), TG)]:
+            p = make()
+            wrk(f"http://{HOST}:{port}/", 64, 2, os.path.join(work, "keys.lua"))  # warm-up
+            rows.append((label,) + wrk(f"http://{HOST}:{port}/", 64, 8, os.path.join(work, "keys.lua")))
+            stop(p)
+        base = rows[0][1]
+        lines += ["### Redis token bucket, key spread over 10,000 values", "",
+                  "wrk -t1 -c64 -d8s with a script randomising `?k=` over 10,000 values; limit keyed by `query:k`.", "",
+                  "| row | req/s | p99 ms | / nginx | non-2xx |", "|---|---:|---:|---:|---:|"]
+        for label, rps, p99, non in rows:
+            lines.append(f"| {label} | {rps:.0f} | {p99:.2f} | {rps / base:.2f} | {non} |")
+        lines += [""]
+
+        # 2. 5,000 keep-alive connections for `seconds`
+        lines += [f"### Memory with 5,000 keep-alive connections ({args.seconds} s of load)", "",
+                  "| proxy | RSS idle | RSS at 5 s | RSS at half time | RSS at the end | req/s |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for label, make, port in [("nginx", nginx_proxy, NGX), ("tollgate nolimit", lambda: tollgate("nolimit"), TG)]:
+            p = make()
+            idle = rss_kib(p.pid)
+            load = subprocess.Popen(["taskset", "-c", "1", "wrk", "-t1", "-c5000", f"-d{args.seconds}s",
+                                     f"http://{HOST}:{port}/"], stdout=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+            time.sleep(5)
+            at5 = rss_kib(p.pid)
+            time.sleep(max(args.seconds / 2 - 5, 0))
+            mid = rss_kib(p.pid)
+            out, _ = load.communicate(timeout=args.seconds + 60)
+            end = rss_kib(p.pid)
+            rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+            lines.append(f"| {label} | {idle / 1024:.1f} MiB | {at5 / 1024:.1f} MiB | {mid / 1024:.1f} MiB | {end / 1024:.1f} MiB | {rps:.0f} |")
+            stop(p)
+        lines.append("")
+    finally:
+        for p in procs:
+            stop(p)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
