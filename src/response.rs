@@ -183,6 +183,21 @@ pub fn retry_after_secs(items: &[Item], decision: &Decision) -> u64 {
         .max(1)
 }
 
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
 /// Adds `RateLimit-Policy` / `RateLimit` (IETF draft 11) and/or `X-RateLimit-*` per `style`.
 pub fn add_rate_limit_headers(
     headers: &mut HeaderMap,
@@ -201,8 +216,16 @@ pub fn add_rate_limit_headers(
         if let Some(policy) = &route.policy_header {
             headers.insert(RATELIMIT_POLICY, policy.clone());
         }
-        let value = format!("\"{}\";r={remaining};t={reset}", limit.name);
-        if let Ok(v) = HeaderValue::from_str(&value) {
+        // Written by hand: this runs on every response, and `format!` was a third of the
+        // limiter's own cost per request (callgrind).
+        let mut value = Vec::with_capacity(limit.name.len() + 32);
+        value.push(b'"');
+        value.extend_from_slice(limit.name.as_bytes());
+        value.extend_from_slice(b"\";r=");
+        push_decimal(&mut value, remaining);
+        value.extend_from_slice(b";t=");
+        push_decimal(&mut value, reset);
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
             headers.insert(RATELIMIT, v);
         }
     }
@@ -313,6 +336,15 @@ mod tests {
         assert_eq!(h[X_RATELIMIT_REMAINING], "0");
         assert!(!h.contains_key(RATELIMIT));
         assert_eq!(retry_after_secs(&items, &d), 4);
+    }
+
+    #[test]
+    fn decimals() {
+        for n in [0u64, 7, 10, 4_294_967_296, u64::MAX] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
     }
 
     #[test]

@@ -98,6 +98,9 @@ impl MemoryStore {
     pub fn decide(&self, items: &[Item], now: Option<Micros>) -> Result<Decision, StoreError> {
         let now = now.unwrap_or_else(wall_clock);
         self.inner.latest.fetch_max(now, Ordering::Relaxed);
+        if let [item] = items {
+            return self.decide_one(item, now);
+        }
         let keys: Vec<Key> = items.iter().map(|i| (i.id, i.tag)).collect();
         let mut order: Vec<usize> = keys.iter().map(shard_of).collect();
         order.sort_unstable();
@@ -178,6 +181,54 @@ impl MemoryStore {
             return Err(StoreError::Full(self.inner.max_keys));
         }
         Ok(decision)
+    }
+
+    /// The common case, one limit: one shard, the state updated in place, no bookkeeping.
+    fn decide_one(&self, item: &Item, now: Micros) -> Result<Decision, StoreError> {
+        let key = (item.id, item.tag);
+        let mut map = lock(&self.inner.shards[shard_of(&key)]);
+        let outcome = match map.get_mut(&key) {
+            Some(entry) if entry.expires_at > now && item.algorithm.owns(&entry.state) => {
+                let before = match &entry.state {
+                    State::Log(_) => None,
+                    other => Some(other.clone()),
+                };
+                let outcome = item.algorithm.check(&mut entry.state, now, item.cost);
+                if outcome.allowed {
+                    item.algorithm.commit(&mut entry.state, now, item.cost);
+                    entry.expires_at = now + item.algorithm.ttl(&entry.state, now) + TTL_SLACK;
+                } else if let Some(before) = before {
+                    // A denial keeps the state as it was (as the scripts do).
+                    entry.state = before;
+                }
+                outcome
+            }
+            found => {
+                let existed = found.is_some();
+                let mut state = item.algorithm.fresh(now);
+                let outcome = item.algorithm.check(&mut state, now, item.cost);
+                if outcome.allowed {
+                    if !existed && self.inner.len.load(Ordering::Relaxed) >= self.inner.max_keys {
+                        return Err(StoreError::Full(self.inner.max_keys));
+                    }
+                    item.algorithm.commit(&mut state, now, item.cost);
+                    let expires_at = now + item.algorithm.ttl(&state, now) + TTL_SLACK;
+                    if map.insert(key, Entry { state, expires_at }).is_none() {
+                        self.inner.len.fetch_add(1, Ordering::Relaxed);
+                    }
+                } else if existed {
+                    // An expired or foreign state: equivalent to absent.
+                    map.remove(&key);
+                    self.inner.len.fetch_sub(1, Ordering::Relaxed);
+                }
+                outcome
+            }
+        };
+        drop(map);
+        Ok(Decision::from_outcomes(
+            std::slice::from_ref(item),
+            vec![outcome],
+        ))
     }
 
     /// What [`MemoryStore::decide`] would answer, changing nothing.
