@@ -19,13 +19,7 @@
 -- (for each limit that allowed: a shadow limit that would have rejected is not charged), so a
 -- rejected request consumes nothing. (Expired sliding_log members are trimmed either way: that
 -- changes no decision.)
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[1])
-end
+local now = decision_time()
 
 local peek = ARGV[2] == '1'
 local algorithms = { fixed_window, sliding_window, sliding_log, token_bucket, gcra }

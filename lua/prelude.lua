@@ -21,6 +21,16 @@
 -- (1 s, TTL_SLACK in src/limiter/algorithm.rs), so expiry never races a decision.
 local TTL_SLACK_US = 1000000
 
+-- The time of a decision in microseconds since the Unix epoch: ARGV[1] when a caller gives
+-- one (tests), else the server's clock, so replicas with skewed clocks agree.
+local function decision_time()
+  if ARGV[1] == '' then
+    local t = redis.call('TIME')
+    return tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+  return tonumber(ARGV[1])
+end
+
 -- A TTL for SET ... PX / PEXPIRE: `ttl_us` plus the slack, rounded up to milliseconds.
 local function ttl_ms(ttl_us)
   if ttl_us < 0 then ttl_us = 0 end

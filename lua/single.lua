@@ -4,13 +4,7 @@
 --
 -- KEYS, ARGV and reply: as decide.lua with one limit (ARGV[3] is the algorithm code, unused
 -- here). A limit's state is written only when it allows.
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[1])
-end
+local now = decision_time()
 local peek = ARGV[2] == '1'
 local cost = tonumber(ARGV[7])
 local allowed, remaining, reset, retry, receipt, state, ttl =

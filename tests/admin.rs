@@ -271,3 +271,56 @@ async fn explain_reads_the_budget_from_redis_without_consuming_it() {
         .unwrap();
     assert!(keys.is_empty(), "explain wrote {keys:?}");
 }
+
+#[tokio::test]
+async fn the_access_log_has_one_line_per_request_and_rejections_are_throttled() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(
+        &upstream,
+        &memory_store(),
+        "[[routes]]\nname = \"tight\"\nupstream = \"api\"\nlimits = [{ algorithm = \"fixed_window\", rate = \"1/hour\" }]\n",
+    )
+    .replace("[server]\n", "[server]\naccess_log = true\n");
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let tg = Binary::start(&path);
+    let http = Http::new();
+    let url = format!("http://{}/thing?x=1", tg.addr);
+    for _ in 0..200 {
+        http.get(&url, &[]).await;
+    }
+    let access = |logs: &[serde_json::Value]| {
+        logs.iter()
+            .filter(|l| l["target"] == "tollgate::access")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    eventually(std::time::Duration::from_secs(5), || {
+        let n = access(&tg.logs()).len();
+        async move { n == 200 }
+    })
+    .await;
+    let logs = tg.logs();
+    let lines = access(&logs);
+    let first = &lines[0];
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["path"], "/thing");
+    assert_eq!(first["route"], "tight");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["decision"], "allowed");
+    assert_eq!(first["client"], "127.0.0.1");
+    assert!(first["upstream_ms"].is_number() && first["total_ms"].is_number());
+    assert_eq!(lines[1]["status"], 429);
+    assert_eq!(lines[1]["decision"], "rejected");
+    // 199 rejections in well under a second: at most a couple of rejection lines, the rest
+    // counted as suppressed.
+    let rejection_lines = logs
+        .iter()
+        .filter(|l| l["message"] == "request rejected by a limit")
+        .count();
+    assert!(
+        (1..=3).contains(&rejection_lines),
+        "{rejection_lines} rejection lines"
+    );
+}

@@ -19,46 +19,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const ALGORITHMS: [&str; 5] = [
-    "fixed_window",
-    "sliding_window",
-    "sliding_log",
-    "token_bucket",
-    "gcra",
-];
-
-/// `, burst = N` where the algorithm takes one, so that every algorithm admits exactly N from
-/// a fresh key.
-fn burst(algorithm: &str, n: u64) -> String {
-    match algorithm {
-        "token_bucket" | "gcra" => format!(", burst = {n}"),
-        _ => String::new(),
-    }
-}
-
 /// One route per algorithm (`/ALG`), keyed by `by`, `n` per hour, failing closed so that a store
 /// error can never pass for an admission.
-fn algorithm_routes(by: &str, n: u64) -> String {
-    ALGORITHMS
-        .iter()
-        .map(|alg| {
-            format!(
-                "[[routes]]\nname = \"{alg}\"\nupstream = \"api\"\nmatch = {{ path = \"/{alg}\" }}\n\
-                 on_store_error = \"deny\"\n\
-                 limits = [{{ by = \"{by}\", algorithm = \"{alg}\", rate = \"{n}/hour\"{} }}]\n",
-                burst(alg, n)
-            )
-        })
-        .collect()
-}
-
-/// Window algorithms restart at aligned hour edges; keep the run clear of one.
-async fn clear_of_an_hour_edge() {
-    let now = tollgate::limiter::wall_clock() / 1_000_000;
-    let into_hour = now % 3600;
-    if into_hour > 3590 {
-        tokio::time::sleep(Duration::from_secs(3600 - into_hour + 1)).await;
-    }
+fn deny_routes(by: &str, n: u64) -> String {
+    algorithm_routes(by, n, "on_store_error = \"deny\"\n", "")
 }
 
 /// Starts tollgate (with an admin listener) on the cluster and waits until `/readyz` says the
@@ -212,7 +176,7 @@ async fn every_algorithm_admits_exactly_its_limit_for_keys_on_every_primary() {
         &cluster,
         &upstream,
         "1s",
-        &algorithm_routes("header:x-api-key", LIMIT as u64),
+        &deny_routes("header:x-api-key", LIMIT as u64),
     )
     .await;
 
@@ -321,43 +285,19 @@ async fn two_instances_on_the_cluster_admit_exactly_the_limit_for_every_algorith
     let started = Instant::now();
     let cluster = Cluster::start(3, 0);
     let upstream = Upstream::start().await;
-    let routes = algorithm_routes("header:x-api-key", LIMIT);
+    let routes = deny_routes("header:x-api-key", LIMIT);
     let instances = [
         start_on(&cluster, &upstream, "1s", &routes).await,
         start_on(&cluster, &upstream, "1s", &routes).await,
     ];
-    let addrs: Vec<_> = instances.iter().map(|r| r.addr).collect();
     clear_of_an_hour_edge().await;
     for alg in ALGORITHMS {
-        let mut tasks = Vec::new();
-        for client in 0..CLIENTS {
-            let addrs = addrs.clone();
-            tasks.push(tokio::spawn(async move {
-                let http = Http::new();
-                let (mut admitted, mut rejected) = (0u64, 0u64);
-                for i in 0..PER_CLIENT {
-                    let addr = addrs[(client + i) % addrs.len()];
-                    let reply = http
-                        .get(
-                            &format!("http://{addr}/{alg}"),
-                            &[("x-api-key", "shared-key")],
-                        )
-                        .await;
-                    match reply.status {
-                        200 => admitted += 1,
-                        429 => rejected += 1,
-                        other => panic!("{alg}: unexpected status {other}: {reply:?}"),
-                    }
-                }
-                (admitted, rejected)
-            }));
-        }
-        let (mut admitted, mut rejected) = (0, 0);
-        for t in tasks {
-            let (a, r) = t.await.unwrap();
-            admitted += a;
-            rejected += r;
-        }
+        let urls: Vec<String> = instances
+            .iter()
+            .map(|r| format!("http://{}/{alg}", r.addr))
+            .collect();
+        let (admitted, rejected) =
+            hammer(&urls, &[("x-api-key", "shared-key")], CLIENTS, PER_CLIENT).await;
         assert_eq!(admitted, LIMIT, "{alg}: admitted");
         assert_eq!(admitted + rejected, (CLIENTS * PER_CLIENT) as u64);
         for tg in &instances {

@@ -25,14 +25,6 @@ fn backends() -> Vec<Backend> {
     vec![Backend::Memory, Backend::Redis(Redis::start())]
 }
 
-const ALGORITHMS: [(&str, &str); 5] = [
-    ("fixed_window", ""),
-    ("sliding_window", ""),
-    ("sliding_log", ""),
-    ("token_bucket", ", burst = 5"),
-    ("gcra", ", burst = 5"),
-];
-
 fn parse_ratelimit(value: &str) -> (String, u64, u64) {
     // "name";r=R;t=T
     let mut parts = value.split(';');
@@ -54,17 +46,11 @@ fn parse_ratelimit(value: &str) -> (String, u64, u64) {
 async fn each_algorithm_admits_exactly_its_limit_then_429s() {
     let upstream = Upstream::start().await;
     for backend in backends() {
-        let routes: String = ALGORITHMS
-            .iter()
-            .map(|(alg, extra)| {
-                format!(
-                    "[[routes]]\nname = \"{alg}\"\nupstream = \"api\"\nmatch = {{ path_prefix = \"/{alg}\" }}\nlimits = [{{ by = \"ip\", algorithm = \"{alg}\", rate = \"5/hour\"{extra} }}]\n"
-                )
-            })
-            .collect();
+        let routes = algorithm_routes("ip", 5, "", "")
+            .replace("match = { path = ", "match = { path_prefix = ");
         let tg = start_tollgate(&config(&upstream, &backend.store(), &routes)).await;
         let http = Http::new();
-        for (alg, _) in ALGORITHMS {
+        for alg in ALGORITHMS {
             let url = format!("http://{}/{alg}/x", tg.addr);
             for expected_remaining in (0..5).rev() {
                 let reply = http.get(&url, &[]).await;
@@ -307,18 +293,11 @@ async fn legacy_and_no_headers() {
 async fn redis_keys_are_prefixed_hash_tagged_expiring_and_never_hold_a_key_in_clear() {
     let upstream = Upstream::start().await;
     let redis = Redis::start();
-    let routes: String = ALGORITHMS
-        .iter()
-        .map(|(alg, extra)| {
-            format!(
-                "[[routes]]\nname = \"{alg}\"\nupstream = \"api\"\nmatch = {{ path = \"/{alg}\" }}\nlimits = [{{ by = \"header:x-api-key\", algorithm = \"{alg}\", rate = \"5/hour\"{extra} }}]\n"
-            )
-        })
-        .collect();
+    let routes = algorithm_routes("header:x-api-key", 5, "", "");
     let tg = start_tollgate(&config(&upstream, &redis_store(&redis), &routes)).await;
     let http = Http::new();
     let secret = "sk_live_SECRET123";
-    for (alg, _) in ALGORITHMS {
+    for alg in ALGORITHMS {
         for _ in 0..2 {
             http.get(
                 &format!("http://{}/{alg}", tg.addr),

@@ -14,12 +14,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::raw::*;
 use common::*;
 use http::Request;
 use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -108,113 +109,6 @@ fn pattern(len: usize, seed: usize) -> Bytes {
 // ---------------------------------------------------------------------------------------------
 // Raw HTTP/1 over TCP: exact bytes out, a parsed response back
 // ---------------------------------------------------------------------------------------------
-
-/// A response read off a raw socket.
-#[derive(Debug)]
-struct RawReply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl RawReply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Reads a message head (through the blank line) byte by byte, so nothing after it is consumed.
-async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<String> {
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() > 64 * 1024 {
-            return Err(std::io::Error::other("head longer than 64 KiB"));
-        }
-        head.push(s.read_u8().await?);
-    }
-    Ok(String::from_utf8_lossy(&head).into_owned())
-}
-
-/// Reads one CRLF-terminated line (without the CRLF).
-async fn read_line<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<String> {
-    let mut line = Vec::new();
-    while !line.ends_with(b"\r\n") {
-        if line.len() > 8 * 1024 {
-            return Err(std::io::Error::other("line longer than 8 KiB"));
-        }
-        line.push(s.read_u8().await?);
-    }
-    line.truncate(line.len() - 2);
-    Ok(String::from_utf8_lossy(&line).into_owned())
-}
-
-/// Reads one response: the head, then the body framed by Content-Length, chunked encoding, or
-/// the end of the connection (none for 1xx, 204, 304).
-async fn read_response<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<RawReply> {
-    let head = read_head(s).await?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
-    let headers: Vec<(String, String)> = lines
-        .filter(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let mut reply = RawReply {
-        status,
-        headers,
-        body: Vec::new(),
-    };
-    if (100..200).contains(&status) || status == 204 || status == 304 {
-        return Ok(reply);
-    }
-    if let Some(len) = reply.header("content-length") {
-        let len: usize = len
-            .parse()
-            .map_err(|_| std::io::Error::other("bad content-length"))?;
-        reply.body = vec![0; len];
-        s.read_exact(&mut reply.body).await?;
-    } else if reply
-        .header("transfer-encoding")
-        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
-    {
-        let mut body = Vec::new();
-        let mut done = false;
-        for _ in 0..1_000_000 {
-            let size_line = read_line(s).await?;
-            let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
-                .map_err(|_| std::io::Error::other(format!("bad chunk size {size_line:?}")))?;
-            if size == 0 {
-                // Trailers, up to the blank line.
-                for _ in 0..1_000 {
-                    if read_line(s).await?.is_empty() {
-                        break;
-                    }
-                }
-                done = true;
-                break;
-            }
-            let start = body.len();
-            body.resize(start + size, 0);
-            s.read_exact(&mut body[start..]).await?;
-            read_line(s).await?;
-        }
-        if !done {
-            return Err(std::io::Error::other("too many chunks"));
-        }
-        reply.body = body;
-    } else {
-        s.read_to_end(&mut reply.body).await?;
-    }
-    Ok(reply)
-}
 
 /// Opens a connection to `addr`, writes `request` exactly, reads one response.
 async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawReply {

@@ -109,6 +109,19 @@ pub fn script_args(algorithm: &Algorithm) -> (u8, u64, u64, u64) {
     }
 }
 
+/// One limit's six ARGV slots, as decide.lua and refund.lua read them: algorithm code, p1, p2,
+/// p3, cost, and a last value (decide: the shadow flag; refund: the receipt).
+fn push_limit(invocation: &mut redis::ScriptInvocation<'_>, item: &Item, last: i64) {
+    let (code, p1, p2, p3) = script_args(&item.algorithm);
+    invocation
+        .arg(code)
+        .arg(p1)
+        .arg(p2)
+        .arg(p3)
+        .arg(item.cost)
+        .arg(last);
+}
+
 /// `{prefix}:{identity}:{limit}`: the prefix first (so `SCAN MATCH prefix:*` finds every key),
 /// the hashed identity as the cluster hash tag (limits keyed by the same identity share a slot),
 /// then the limit's id. 22 + 11 characters of base64url after the prefix.
@@ -397,14 +410,7 @@ impl RedisStore {
         };
         invocation.arg(if peek { "1" } else { "0" });
         for item in items {
-            let (code, p1, p2, p3) = script_args(&item.algorithm);
-            invocation
-                .arg(code)
-                .arg(p1)
-                .arg(p2)
-                .arg(p3)
-                .arg(item.cost)
-                .arg(u8::from(item.shadow));
+            push_limit(&mut invocation, item, i64::from(item.shadow));
         }
         let reply: Vec<i64> = invocation.invoke_async(conn).await?;
         parse_reply(items, &reply)
@@ -492,14 +498,7 @@ impl RedisStore {
                         invocation.key(key_name(&self.prefix, item.id, &item.tag));
                     }
                     for (item, receipt) in items.iter().zip(&receipts) {
-                        let (code, p1, p2, p3) = script_args(&item.algorithm);
-                        invocation
-                            .arg(code)
-                            .arg(p1)
-                            .arg(p2)
-                            .arg(p3)
-                            .arg(item.cost)
-                            .arg(*receipt);
+                        push_limit(&mut invocation, item, *receipt);
                     }
                     let result: Result<i64, RedisError> = invocation.invoke_async(&mut conn).await;
                     if let Err(e) = result {

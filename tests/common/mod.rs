@@ -9,6 +9,8 @@
 //! - [`Http`]: a small keep-alive client.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -636,4 +638,82 @@ impl Cluster {
         }
         panic!("no primary for slot {slot}");
     }
+}
+
+/// The five algorithms, in the order the contract lists them.
+pub const ALGORITHMS: [&str; 5] = [
+    "fixed_window",
+    "sliding_window",
+    "sliding_log",
+    "token_bucket",
+    "gcra",
+];
+
+/// `, burst = N` where the algorithm takes one, so that every algorithm admits exactly N from
+/// a fresh key.
+pub fn burst(algorithm: &str, n: u64) -> String {
+    match algorithm {
+        "token_bucket" | "gcra" => format!(", burst = {n}"),
+        _ => String::new(),
+    }
+}
+
+/// One route per algorithm (named after it, matching `/ALG`), keyed by `by`, `n` per hour;
+/// `route_extra` goes into each route table, `limit_extra` into each limit.
+pub fn algorithm_routes(by: &str, n: u64, route_extra: &str, limit_extra: &str) -> String {
+    ALGORITHMS
+        .iter()
+        .map(|alg| {
+            format!(
+                "[[routes]]\nname = \"{alg}\"\nupstream = \"api\"\nmatch = {{ path = \"/{alg}\" }}\n{route_extra}\
+                 limits = [{{ by = \"{by}\", algorithm = \"{alg}\", rate = \"{n}/hour\"{}{limit_extra} }}]\n",
+                burst(alg, n)
+            )
+        })
+        .collect()
+}
+
+/// Window algorithms restart at aligned hour edges; keep a run clear of one.
+pub async fn clear_of_an_hour_edge() {
+    let now = tollgate::limiter::wall_clock() / 1_000_000;
+    let into_hour = now % 3600;
+    if into_hour > 3590 {
+        tokio::time::sleep(Duration::from_secs(3600 - into_hour + 1)).await;
+    }
+}
+
+/// `clients` concurrent clients each send `per_client` GETs, client c's i-th to
+/// `urls[(c + i) % urls.len()]`: (admitted, rejected). Any status but 200 or 429 panics.
+pub async fn hammer(
+    urls: &[String],
+    headers: &[(&'static str, &'static str)],
+    clients: usize,
+    per_client: usize,
+) -> (u64, u64) {
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let urls = urls.to_vec();
+        let headers = headers.to_vec();
+        tasks.push(tokio::spawn(async move {
+            let http = Http::new();
+            let (mut admitted, mut rejected) = (0u64, 0u64);
+            for i in 0..per_client {
+                let url = &urls[(client + i) % urls.len()];
+                let reply = http.get(url, &headers).await;
+                match reply.status {
+                    200 => admitted += 1,
+                    429 => rejected += 1,
+                    other => panic!("{url}: unexpected status {other}: {reply:?}"),
+                }
+            }
+            (admitted, rejected)
+        }));
+    }
+    let (mut admitted, mut rejected) = (0, 0);
+    for t in tasks {
+        let (a, r) = t.await.expect("client task");
+        admitted += a;
+        rejected += r;
+    }
+    (admitted, rejected)
 }
