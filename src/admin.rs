@@ -43,11 +43,27 @@ async fn handle(app: &App, request: Request<Incoming>) -> Response<Full<Bytes>> 
                 format!("store unavailable: {e}\n"),
             ),
         },
-        "/metrics" => text(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            app.metrics.render(),
-        ),
+        // Prometheus text by default; OpenMetrics for a scraper that asks for it.
+        "/metrics" => {
+            let openmetrics = request
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|a| a.to_str().ok())
+                .is_some_and(|a| a.contains("application/openmetrics-text"));
+            if openmetrics {
+                text(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    app.metrics.render(),
+                )
+            } else {
+                text(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    crate::metrics::to_prometheus_text(&app.metrics.render()),
+                )
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }

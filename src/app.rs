@@ -6,12 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use prometheus_client::metrics::histogram::Histogram;
 
 use crate::config::{self, ConfigErrors};
 use crate::limiter::{Limiter, Store, StoreError};
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::policy::Policy;
+use crate::policy::{Policy, RedisSettings, StoreSettings};
 use crate::tls::{self, TlsError};
 use crate::upstream::{Pools, TargetPool};
 
@@ -21,7 +20,6 @@ pub struct Runtime {
     pub limiter: Limiter,
     /// Per route, same order as `policy.routes`.
     pub route_metrics: Vec<RouteMetrics>,
-    pub store_duration: Histogram,
     /// The TLS acceptor when `[server.tls]` is set.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// `[upstream index][target index]`: the connection pool of each target.
@@ -88,7 +86,27 @@ impl App {
                 "a changed listen address takes effect only after a restart"
             );
         }
-        let reuse = (policy.store == old.policy.store).then(|| old.limiter.store.clone());
+        // The store (its connections; for memory, every counter) is kept unless its backend
+        // or Redis connection settings changed: a new timeout or max_keys is no reason to
+        // hand every client a fresh quota.
+        let reuse = match (&policy.store, &*old.limiter.store) {
+            (StoreSettings::Memory { max_keys, .. }, Store::Memory(m)) => {
+                m.set_max_keys(*max_keys);
+                Some(old.limiter.store.clone())
+            }
+            (StoreSettings::Redis(new), _) => match &old.policy.store {
+                StoreSettings::Redis(was)
+                    if RedisSettings {
+                        timeout: was.timeout,
+                        ..new.clone()
+                    } == *was =>
+                {
+                    Some(old.limiter.store.clone())
+                }
+                _ => None,
+            },
+            _ => None,
+        };
         let runtime = Runtime::build(policy, &self.metrics, &self.pools, reuse)?;
         self.metrics.config_loaded(&runtime.policy.source_hash);
         self.current.store(Arc::new(runtime));
@@ -162,18 +180,17 @@ impl Runtime {
             .iter()
             .map(|r| metrics.route(&r.name))
             .collect();
-        let store_duration = metrics.store_histogram(store.backend_name());
+        let limiter_metrics = metrics.limiter(store.backend_name());
         Ok(Runtime {
             limiter: Limiter {
                 store,
                 timeout: policy.store.timeout(),
                 denials: Default::default(),
                 leases: Default::default(),
-                metrics: metrics.limiter(),
+                metrics: limiter_metrics,
             },
             policy,
             route_metrics,
-            store_duration,
             tls,
             upstream_pools,
         })

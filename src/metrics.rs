@@ -242,9 +242,10 @@ impl Metrics {
             .get_or_create_owned(&[("backend", backend.to_string())])
     }
 
-    /// The handles the limiter records into.
-    pub fn limiter(&self) -> crate::limiter::LimiterMetrics {
+    /// The handles the limiter records into, for a store `backend`.
+    pub fn limiter(&self, backend: &str) -> crate::limiter::LimiterMetrics {
         crate::limiter::LimiterMetrics {
+            store_duration: self.store_histogram(backend),
             local_denials: self.local_denials.clone(),
             leased: self.leased.clone(),
             circuit_open: self.circuit_open.clone(),
@@ -278,7 +279,89 @@ impl Metrics {
     }
 }
 
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition: counter families
+/// named after their `_total` samples, `le` as the last label of a bucket, no `# EOF`. What a
+/// scraper that does not ask for OpenMetrics (and a person with curl) gets.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .filter(|name| !name.ends_with("_total"))
+        .collect();
+    let renamed = |line: &str, prefix: &str| -> Option<String> {
+        let rest = line.strip_prefix(prefix)?;
+        let name = counters
+            .iter()
+            .find(|n| rest.strip_prefix(**n).is_some_and(|r| r.starts_with(' ')))?;
+        Some(format!("{prefix}{name}_total{}", &rest[name.len()..]))
+    };
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        match renamed(line, "# TYPE ").or_else(|| renamed(line, "# HELP ")) {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(&move_le_last(line)),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `x_bucket{le="0.1",route="a"} 3` -> `x_bucket{route="a",le="0.1"} 3`.
+fn move_le_last(line: &str) -> std::borrow::Cow<'_, str> {
+    let Some(open) = line.find("{le=\"") else {
+        return line.into();
+    };
+    let Some(close) = line[open..].find('}').map(|c| open + c) else {
+        return line.into();
+    };
+    let labels = &line[open + 1..close];
+    let Some(first_end) = labels.find("\",").map(|i| i + 1) else {
+        return line.into();
+    };
+    let (le, rest) = (&labels[..first_end], &labels[first_end + 1..]);
+    format!("{}{{{rest},{le}}}{}", &line[..open], &line[close + 1..]).into()
+}
+
 /// Seconds as the histograms want them.
 pub fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counters_by_their_samples_and_puts_le_last() {
+        let m = Metrics::new();
+        let r = m.route("api");
+        r.decision(Outcome::Allowed);
+        r.upstream_duration.observe(0.001);
+        let text = to_prometheus_text(&m.render());
+        assert!(
+            text.contains("# TYPE tollgate_requests_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP tollgate_requests_total "), "{text}");
+        assert!(
+            text.contains("tollgate_requests_total{route=\"api\",decision=\"allowed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "tollgate_upstream_duration_seconds_bucket{route=\"api\",le=\"0.001\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE tollgate_in_flight_requests gauge"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
+        assert!(!text.contains("{le="), "{text}");
+    }
 }

@@ -75,7 +75,17 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
         access.finish(status.as_u16(), None, None);
         return response::malformed(e);
     }
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    // One host for routing and forwarding: a request target or :authority with a host wins
+    // over a Host header (RFC 9112 §3.2.2), so a route matched on one host cannot forward
+    // to another.
+    if let Some(authority) = parts.uri.authority()
+        && parts.headers.get(header::HOST).map(|h| h.as_bytes())
+            != Some(authority.as_str().as_bytes())
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(header::HOST, host);
+    }
     let found = rt.policy.route_for(&RequestView::new(&parts));
     let Some((index, route)) = found else {
         app.metrics
@@ -106,7 +116,7 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
     access.client = Some(client);
     let verdict = decide(&rt, route, &parts, client).await;
     let (outcome, early) = match &verdict {
-        Verdict::Unlimited => (None, None),
+        Verdict::Unlimited => (Some(Outcome::Allowed), None),
         Verdict::Admitted(items, d) if d.shadow_rejected(items) => {
             logging::shadow_rejected(&route.name, client);
             (Some(Outcome::ShadowRejected), None)
@@ -175,9 +185,7 @@ async fn decide(rt: &Runtime, route: &Route, parts: &Parts, client: IpAddr) -> V
         ip: identity::counted_ip(client, rt.policy.server.ipv6_prefix),
     };
     let items = limiter::items_for(route, &subject);
-    let started = Instant::now();
     let result = rt.limiter.decide(&items).await;
-    rt.store_duration.observe(started.elapsed().as_secs_f64());
     match result {
         Ok(d) if d.admitted => Verdict::Admitted(items, d),
         Ok(d) => Verdict::Rejected(items, d),

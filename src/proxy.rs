@@ -146,11 +146,18 @@ const VIA: &str = "1.1 tollgate";
 
 fn append_via(headers: &mut HeaderMap) {
     let ours = VIA;
-    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.is_empty() => {
-            HeaderValue::from_str(&format!("{existing}, {ours}"))
-                .unwrap_or(HeaderValue::from_static(ours))
-        }
+    // Every Via line, in order, as one list.
+    let joined: Vec<&str> = headers
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    let existing = (!joined.is_empty()).then(|| joined.join(", "));
+    let value = match existing.as_deref() {
+        Some(existing) => HeaderValue::from_str(&format!("{existing}, {ours}"))
+            .unwrap_or(HeaderValue::from_static(ours)),
         _ => HeaderValue::from_static(ours),
     };
     headers.insert(header::VIA, value);

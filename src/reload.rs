@@ -18,6 +18,11 @@ fn read(path: &PathBuf) -> Option<Vec<u8>> {
     std::fs::read(path).ok()
 }
 
+/// The content hash of the file now, as `Policy::source_hash` names a loaded one.
+fn digest(path: &PathBuf) -> Option<String> {
+    read(path).map(|bytes| crate::config::source_hash(&bytes))
+}
+
 /// Watches until `shutdown` resolves.
 pub async fn watch(app: Arc<App>, shutdown: impl std::future::Future<Output = ()>) {
     let Some(path) = app.config_path.clone() else {
@@ -25,7 +30,9 @@ pub async fn watch(app: Arc<App>, shutdown: impl std::future::Future<Output = ()
     };
     tokio::pin!(shutdown);
     let mut hangups = hangup_stream();
-    let mut seen = read(&path);
+    // What is in force, not what the file holds by the time this task runs: a change made
+    // right after startup must not be mistaken for the loaded content.
+    let mut seen = Some(app.runtime().policy.source_hash.clone());
     let mut missing_logged = false;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -37,7 +44,7 @@ pub async fn watch(app: Arc<App>, shutdown: impl std::future::Future<Output = ()
         };
         if signalled {
             tracing::info!("SIGHUP: reloading");
-            seen = read(&path);
+            seen = digest(&path);
             let _ = app.reload(None);
             continue;
         }
@@ -45,7 +52,7 @@ pub async fn watch(app: Arc<App>, shutdown: impl std::future::Future<Output = ()
             continue;
         }
         let current = read(&path);
-        if current == seen {
+        if current.as_deref().map(crate::config::source_hash) == seen {
             continue;
         }
         let Some(first) = current else {
@@ -62,7 +69,7 @@ pub async fn watch(app: Arc<App>, shutdown: impl std::future::Future<Output = ()
         if read(&path).as_ref() != Some(&first) {
             continue;
         }
-        seen = Some(first.clone());
+        seen = Some(crate::config::source_hash(&first));
         match std::str::from_utf8(&first) {
             Ok(text) => {
                 let _ = app.reload(Some(text));

@@ -152,8 +152,9 @@ pub fn internal_error() -> Response<Body> {
     )
 }
 
-/// The enforced limit closest to rejecting: smallest remaining (a denying limit counts as 0),
-/// ties to the one that resets soonest.
+/// The limit closest to rejecting: smallest remaining (a denying limit counts as 0), ties to
+/// the one that resets soonest. Enforced limits are preferred: a shadow limit is reported only
+/// on a route that has no enforced one (it binds nobody).
 fn closest<'a>(
     route: &'a Route,
     items: &[Item],
@@ -163,12 +164,11 @@ fn closest<'a>(
         .limits
         .iter()
         .zip(items.iter().zip(&decision.outcomes))
-        .filter(|(limit, _)| limit.mode == Mode::Enforce)
         .map(|(limit, (_, o)): (&Limit, (&Item, &Outcome))| {
             let remaining = if o.allowed { o.remaining } else { 0 };
             (limit, remaining, ceil_secs(o.reset))
         })
-        .min_by_key(|&(_, r, t)| (r, t))
+        .min_by_key(|&(l, r, t)| (l.mode == Mode::Shadow, r, t))
 }
 
 /// Seconds until every denying enforced limit would admit the request: the largest wait.
@@ -361,17 +361,38 @@ mod tests {
     }
 
     #[test]
-    fn shadow_limits_are_not_advertised() {
+    fn shadow_limits_are_listed_and_reported_after_enforced_ones() {
         let p = route("{ algorithm = \"fixed_window\", rate = \"1/s\", mode = \"shadow\" }");
-        assert!(p.routes[0].policy_header.is_none());
-        let items = items(&p.routes[0]);
+        assert_eq!(
+            p.routes[0].policy_header.as_ref().unwrap(),
+            "\"api\";q=1;w=1"
+        );
+        let one = items(&p.routes[0]);
         let d = Decision {
             admitted: true,
             outcomes: vec![outcome(false, 0, 1, 1)],
         };
         let mut h = HeaderMap::new();
-        add_rate_limit_headers(&mut h, HeaderStyle::Both, &p.routes[0], &items, &d);
-        assert!(h.is_empty());
+        add_rate_limit_headers(&mut h, HeaderStyle::Ietf, &p.routes[0], &one, &d);
+        assert_eq!(
+            h[RATELIMIT], "\"api\";r=0;t=1",
+            "a shadow-only route reports its shadow limit"
+        );
+        let p = route(
+            "{ algorithm = \"fixed_window\", rate = \"1/s\", mode = \"shadow\" }, { algorithm = \"fixed_window\", rate = \"9/s\" }",
+        );
+        let both = items(&p.routes[0]);
+        let d = Decision {
+            admitted: true,
+            outcomes: vec![outcome(false, 0, 1, 1), outcome(true, 8, 1, 0)],
+        };
+        let mut h = HeaderMap::new();
+        add_rate_limit_headers(&mut h, HeaderStyle::Ietf, &p.routes[0], &both, &d);
+        assert_eq!(h[RATELIMIT_POLICY], "\"api/0\";q=1;w=1, \"api/1\";q=9;w=1");
+        assert_eq!(
+            h[RATELIMIT], "\"api/1\";r=8;t=1",
+            "the enforced limit is reported"
+        );
     }
 
     #[tokio::test]

@@ -80,9 +80,17 @@ async fn metrics_count_what_was_sent_by_route_and_decision() {
         get(r#"tollgate_responses_total{route="open",class="5xx"}"#),
         2.0
     );
+    // Store calls only: 3 admissions and the first rejection on "limited" (its other 3
+    // rejections come from the local over-limit cache), and 4 on "shadowed".
     assert_eq!(
         get(r#"tollgate_store_duration_seconds_count{backend="memory"}"#),
-        11.0
+        8.0
+    );
+    assert_eq!(get("tollgate_local_denials_total"), 3.0);
+    // A route without limits counts its requests as allowed.
+    assert_eq!(
+        get(r#"tollgate_requests_total{route="open",decision="allowed"}"#),
+        2.0
     );
     assert_eq!(
         get(r#"tollgate_upstream_duration_seconds_count{route="limited"}"#),

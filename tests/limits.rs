@@ -203,8 +203,8 @@ async fn shadow_limits_count_but_never_reject() {
         let reply = http.get(&url, &[]).await;
         assert_eq!(
             reply.header("ratelimit-policy"),
-            Some("\"s/0\";q=3;w=3600"),
-            "shadow limits are not advertised"
+            Some("\"s/0\";q=3;w=3600, \"s/1\";q=1;w=3600"),
+            "every limit is listed, shadow ones too"
         );
         let metrics = tg.app.metrics.render();
         assert!(

@@ -931,3 +931,48 @@ async fn websocket_upgrade_passes_through_and_counts_once() {
     drop(client);
     tg.stop().await;
 }
+
+#[tokio::test]
+async fn the_host_that_picks_the_route_is_the_host_the_upstream_gets() {
+    let upstream = Upstream::start().await;
+    let routes = route(
+        "vhost",
+        "api",
+        "{ host = \"example.com\" }",
+        "{ by = \"ip\", algorithm = \"fixed_window\", rate = \"1/hour\" }",
+    ) + &route("rest", "api", "", "");
+    let cfg = config_with("", &upstream_table("api", &upstream.target(), ""), &routes);
+    let tg = start_tollgate(&cfg).await;
+    // An absolute-form target names the host; a different Host header cannot redirect the
+    // request to another vhost than the one whose limits applied.
+    for expected in [200, 429] {
+        let reply = raw_exchange(
+            tg.addr,
+            b"GET http://example.com/h HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(reply.status, expected, "{reply:?}");
+    }
+    let seen = upstream.last();
+    assert_eq!(values(&seen, "host"), ["example.com"]);
+    assert_eq!(values(&seen, "x-forwarded-host"), ["example.com"]);
+    assert_eq!(upstream.count(), 1);
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn every_via_line_is_kept() {
+    let upstream = Upstream::start().await;
+    let tg = start_tollgate(&open_config("", &upstream)).await;
+    let reply = raw_exchange(
+        tg.addr,
+        b"GET /v HTTP/1.1\r\nHost: a\r\nVia: 1.0 first\r\nVia: 1.1 second\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        values(&upstream.last(), "via"),
+        ["1.0 first, 1.1 second, 1.1 tollgate"]
+    );
+    tg.stop().await;
+}

@@ -147,7 +147,9 @@ async fn a_broken_file_is_refused_with_its_position_and_the_old_config_keeps_ser
             "tollgate_config_reloads_total{result=\"failed\"}",
         )
         .await
-            == Some(1)
+        // At least one: under load a writer's truncated (empty) file may hold still for
+        // the settle time and be refused too.
+        .is_some_and(|n| n >= 1)
     })
     .await;
     assert_eq!(
@@ -222,10 +224,15 @@ async fn counters_survive_a_reload_that_keeps_the_limit() {
     assert_eq!(http.get(&url, &[]).await.status, 200);
     assert_eq!(http.get(&url, &[]).await.status, 200);
     assert_eq!(http.get(&url, &[]).await.status, 429);
-    // Same route, algorithm, key and window; a new count and an unrelated change.
+    // Same route, algorithm, key and window; a new count, an unrelated change and a new
+    // store timeout (the memory store, and its counters, are kept).
     std::fs::write(
         &s.path,
-        text(&s.upstream, 3, "rate_limit_headers = \"both\"\n"),
+        text(
+            &s.upstream,
+            3,
+            "rate_limit_headers = \"both\"\n[store]\ntimeout = \"80ms\"\n",
+        ),
     )
     .unwrap();
     wait_for_quota(&http, tg.addr, 3).await;

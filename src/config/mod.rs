@@ -58,6 +58,73 @@ impl ConfigErrors {
     }
 }
 
+/// What a key takes, for parse errors that name a key but not what is allowed.
+const KEY_HINTS: [(&str, &str); 8] = [
+    (
+        "server",
+        "every proxy.toml needs a [server] table with listen = \"IP:PORT\"",
+    ),
+    (
+        "listen",
+        "expected listen = \"IP:PORT\", e.g. \"0.0.0.0:8080\"",
+    ),
+    (
+        "algorithm",
+        "expected algorithm = one of fixed_window, sliding_log, sliding_window, token_bucket, gcra",
+    ),
+    (
+        "rate",
+        "expected rate = \"N/unit\", e.g. \"10/s\" or \"100/10s\"",
+    ),
+    (
+        "name",
+        "expected name = \"a-route-name\" (letters, digits, '-', '_', '.')",
+    ),
+    (
+        "upstream",
+        "expected upstream = the name of an [upstreams.NAME] table",
+    ),
+    ("targets", "expected targets = [\"http://HOST:PORT\", ...]"),
+    (
+        "by",
+        "expected by = \"ip\", \"header:NAME\", \"query:NAME\", \"global\", or a list of these",
+    ),
+];
+
+/// Adds what is allowed to a serde/toml error: for a missing field, that field's hint; for a
+/// value of the wrong type, the hint of the key just before the error on its line.
+fn with_hint(message: String, line_before_error: &str) -> String {
+    let hint = if message.starts_with("invalid type") {
+        KEY_HINTS
+            .iter()
+            .filter_map(|(key, hint)| {
+                let at = line_before_error.rfind(&format!("{key} ="))?;
+                // A whole key, not the end of a longer one.
+                let whole = at == 0
+                    || !line_before_error.as_bytes()[at - 1].is_ascii_alphanumeric()
+                        && line_before_error.as_bytes()[at - 1] != b'_';
+                whole.then_some((at, hint))
+            })
+            .max_by_key(|(at, _)| *at)
+            .map(|(_, hint)| hint)
+    } else {
+        KEY_HINTS
+            .iter()
+            .find(|(key, _)| message.contains(&format!("missing field `{key}`")))
+            .map(|(_, hint)| hint)
+    };
+    match hint {
+        Some(hint) => format!("{message}; {hint}"),
+        None => message,
+    }
+}
+
+/// The hash that names a config's content (`check`, `tollgate_config_info`, the reload
+/// watcher): 16 hex digits of blake3.
+pub fn source_hash(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex()[..16].to_string()
+}
+
 /// Reads and validates the file at `path`.
 pub fn load(path: &Path) -> Result<Policy, ConfigErrors> {
     let name = path.display().to_string();
@@ -75,7 +142,9 @@ pub fn parse(source: &str, file: &str, base_dir: &Path) -> Result<Policy, Config
             .span()
             .map_or((1, 1), |span| line_column(source, span.start));
         let message = e.message().trim().replace('\n', " ");
-        ConfigErrors::single(file, line, column, message)
+        let line_text = source.lines().nth(line - 1).unwrap_or("");
+        let before: String = line_text.chars().take(column.saturating_sub(1)).collect();
+        ConfigErrors::single(file, line, column, with_hint(message, &before))
     })?;
     validate::validate(raw, file, source, base_dir)
 }

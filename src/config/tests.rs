@@ -333,8 +333,46 @@ fn limit_ids_survive_edits_that_keep_their_identity() {
 
 #[test]
 fn tls_paths_resolve_against_the_config_directory() {
-    let p = parse_str("[server]\nlisten = \"127.0.0.1:1\"\n[server.tls]\ncert = \"c.pem\"\nkey = \"/abs/k.pem\"\n").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("c.pem"), "x").unwrap();
+    let key = dir.path().join("k.pem");
+    std::fs::write(&key, "x").unwrap();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:1\"\n[server.tls]\ncert = \"c.pem\"\nkey = \"{}\"\n",
+        key.display()
+    );
+    let p = parse(&text, "proxy.toml", dir.path()).unwrap();
     let tls = p.server.tls.unwrap();
-    assert_eq!(tls.cert, Path::new("/etc/tollgate/c.pem"));
-    assert_eq!(tls.key, Path::new("/abs/k.pem"));
+    assert_eq!(tls.cert, dir.path().join("c.pem"));
+    assert_eq!(tls.key, key);
+    let e = error_of(&format!(
+        "[server]\nlisten = \"127.0.0.1:1\"\n[server.tls]\ncert = \"nope.pem\"\nkey = \"{}\"\n",
+        key.display()
+    ));
+    assert!(
+        e.starts_with("4:8: cannot read TLS certificate /etc/tollgate/nope.pem"),
+        "{e}"
+    );
+}
+
+#[test]
+fn type_and_missing_field_errors_say_what_is_allowed() {
+    let e = limit_error(r#"{ by = "ip", algorithm = 5, rate = "5/s" }"#);
+    assert!(e.starts_with("9:28: invalid type"), "{e}");
+    assert!(
+        e.ends_with(&format!("expected algorithm = one of {ALGORITHMS}")),
+        "{e}"
+    );
+    let e = limit_error(r#"{ by = "ip", algorithm = "gcra", rate = 5 }"#);
+    assert!(e.contains("expected rate = \"N/unit\""), "{e}");
+    let e = error_of("[server]\nadmin = \"127.0.0.1:1\"\n");
+    assert!(
+        e.contains("missing field `listen`") && e.contains("listen = \"IP:PORT\""),
+        "{e}"
+    );
+    let e = limit_error(r#"{ by = "ip", rate = "5/s" }"#);
+    assert!(
+        e.contains("missing field `algorithm`") && e.contains("gcra"),
+        "{e}"
+    );
 }

@@ -137,7 +137,7 @@ pub fn validate(
             upstreams: upstreams.into_values().collect(),
             routes,
             key_headers,
-            source_hash: blake3::hash(source.as_bytes()).to_hex()[..16].to_string(),
+            source_hash: super::source_hash(source.as_bytes()),
         })
     } else {
         Err(ConfigErrors(v.errors))
@@ -242,9 +242,23 @@ fn server(v: &mut Validator, raw: &S<RawServer>) -> Server {
             None
         }
     };
-    let tls = s.tls.as_ref().map(|t| Tls {
-        cert: v.base_dir.join(t.get_ref().cert.get_ref()),
-        key: v.base_dir.join(t.get_ref().key.get_ref()),
+    let tls = s.tls.as_ref().map(|t| {
+        let t = t.get_ref();
+        // Named here, with their position: whether the pair is usable is checked when the
+        // acceptor is built (startup, reload, `check`).
+        for (what, value) in [("certificate", &t.cert), ("private key", &t.key)] {
+            let path = v.base_dir.join(value.get_ref());
+            if let Err(e) = std::fs::File::open(&path) {
+                v.error(
+                    value.span(),
+                    format!("cannot read TLS {what} {}: {e}", path.display()),
+                );
+            }
+        }
+        Tls {
+            cert: v.base_dir.join(t.cert.get_ref()),
+            key: v.base_dir.join(t.key.get_ref()),
+        }
     });
     Server {
         listen,
@@ -1002,12 +1016,11 @@ fn limit_id(
     u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
-/// `"name";q=N;w=S, ...` for the enforced limits (shadow limits bind nobody, so clients are not
-/// told about them).
+/// `"name";q=N;w=S, ...`, one item per limit of the route (shadow limits included: the
+/// contract lists each limit; `RateLimit` reports enforced limits first).
 fn policy_header(limits: &[Limit]) -> Option<HeaderValue> {
     let items: Vec<String> = limits
         .iter()
-        .filter(|l| l.mode == Mode::Enforce)
         .map(|l| format!("\"{}\";q={};w={}", l.name, l.quota, l.window_secs))
         .collect();
     if items.is_empty() {

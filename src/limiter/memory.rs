@@ -47,7 +47,7 @@ type Shard = HashMap<Key, Entry, BuildHasherDefault<KeyHasher>>;
 struct Inner {
     shards: Vec<Mutex<Shard>>,
     len: AtomicUsize,
-    max_keys: usize,
+    max_keys: AtomicUsize,
     /// The newest `now` any decision used: the sweeper never expires past it, so a caller that
     /// supplies its own times (tests) is not overtaken by the wall clock.
     latest: AtomicU64,
@@ -75,13 +75,18 @@ impl MemoryStore {
         let inner = Arc::new(Inner {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             len: AtomicUsize::new(0),
-            max_keys,
+            max_keys: AtomicUsize::new(max_keys),
             latest: AtomicU64::new(0),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(sweep(Arc::downgrade(&inner)));
         }
         MemoryStore { inner }
+    }
+
+    /// A reload changed `[store] max_keys`: the counters stay, the bound moves.
+    pub fn set_max_keys(&self, max_keys: usize) {
+        self.inner.max_keys.store(max_keys, Ordering::Relaxed);
     }
 
     /// Number of live keys (expired ones count until swept).
@@ -142,7 +147,8 @@ impl MemoryStore {
         let decision = Decision::from_outcomes(items, outcomes);
         let full = decision.admitted
             && fresh > 0
-            && self.inner.len.load(Ordering::Relaxed) + fresh > self.inner.max_keys;
+            && self.inner.len.load(Ordering::Relaxed) + fresh
+                > self.inner.max_keys.load(Ordering::Relaxed);
         let mut stored = 0usize;
         for ((item, key), ((mut state, expires_at, before), outcome)) in items
             .iter()
@@ -178,7 +184,9 @@ impl MemoryStore {
         }
         drop(guards);
         if full {
-            return Err(StoreError::Full(self.inner.max_keys));
+            return Err(StoreError::Full(
+                self.inner.max_keys.load(Ordering::Relaxed),
+            ));
         }
         Ok(decision)
     }
@@ -208,8 +216,13 @@ impl MemoryStore {
                 let mut state = item.algorithm.fresh(now);
                 let outcome = item.algorithm.check(&mut state, now, item.cost);
                 if outcome.allowed {
-                    if !existed && self.inner.len.load(Ordering::Relaxed) >= self.inner.max_keys {
-                        return Err(StoreError::Full(self.inner.max_keys));
+                    if !existed
+                        && self.inner.len.load(Ordering::Relaxed)
+                            >= self.inner.max_keys.load(Ordering::Relaxed)
+                    {
+                        return Err(StoreError::Full(
+                            self.inner.max_keys.load(Ordering::Relaxed),
+                        ));
                     }
                     item.algorithm.commit(&mut state, now, item.cost);
                     let expires_at = now + item.algorithm.ttl(&state, now) + TTL_SLACK;

@@ -181,6 +181,8 @@ pub struct LimiterMetrics {
     pub local_denials: prometheus_client::metrics::counter::Counter,
     /// Requests admitted from a lease (approximate mode), without a store call.
     pub leased: prometheus_client::metrics::counter::Counter,
+    /// Duration of calls that reached the store (not local cache or lease answers).
+    pub store_duration: prometheus_client::metrics::histogram::Histogram,
     /// Store circuit breakers open (one for a single server, one per 1/64 of a cluster's slots).
     pub circuit_open: prometheus_client::metrics::gauge::Gauge,
     /// Failed decisions by kind.
@@ -326,6 +328,9 @@ impl Limiter {
             Ok(result) => result,
             Err(_) => Err(StoreError::Timeout(self.timeout)),
         };
+        self.metrics
+            .store_duration
+            .observe(asked.elapsed().as_secs_f64());
         if let Some(b) = breaker {
             match &result {
                 Ok(_) => {
