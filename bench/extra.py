@@ -4,7 +4,8 @@ on cpu0; wrk, the nginx upstream and Redis on cpu1) and an nginx baseline in the
 
 1. keys10k: a Redis token bucket on every request with the key spread over 10,000 values
    (wrk script randomising `?k=`), next to nginx proxying the same requests.
-2. conns5000: tollgate's RSS with 5,000 keep-alive connections busy for 60 s (start, middle,
+2. flood: Redis calls per rejected request when one key floods (the local over-limit cache).
+3. conns5000: tollgate's RSS with 5,000 keep-alive connections busy for 60 s (start, middle,
    end), next to nginx's.
 
 Loopback only; every process started here is stopped by its PID (process group) at the end.
@@ -141,7 +142,23 @@ http {{ access_log off; keepalive_requests 10000000;
             lines.append(f"| {label} | {rps:.0f} | {p99:.2f} | {rps / base:.2f} | {non} |")
         lines += [""]
 
-        # 2. 5,000 keep-alive connections for `seconds`
+        # 2. a flood from one key: Redis calls per rejection
+        def evalsha_calls():
+            info = subprocess.run(["redis-cli", "-p", str(REDIS), "info", "commandstats"],
+                                  capture_output=True, text=True).stdout
+            m = re.search(r"cmdstat_evalsha:calls=(\d+)", info)
+            return int(m.group(1)) if m else 0
+        subprocess.run(["redis-cli", "-p", str(REDIS), "flushall"], capture_output=True)
+        p = tollgate("flood_redis")
+        before = evalsha_calls()
+        rps, p99, rejected = wrk(f"http://{HOST}:{TG}/", 64, 8)
+        calls = evalsha_calls() - before
+        stop(p)
+        lines += ["### A flood from one key (every request rejected)", "",
+                  "| req/s | p99 ms | rejections | Redis calls | calls per rejection |", "|---:|---:|---:|---:|---:|",
+                  f"| {rps:.0f} | {p99:.2f} | {rejected} | {calls} | {calls / max(rejected, 1):.6f} |", ""]
+
+        # 3. 5,000 keep-alive connections for `seconds`
         lines += [f"### Memory with 5,000 keep-alive connections ({args.seconds} s of load)", "",
                   "| proxy | RSS idle | RSS at 5 s | RSS at half time | RSS at the end | req/s |",
                   "|---|---:|---:|---:|---:|---:|"]
