@@ -6,18 +6,14 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::raw::*;
 use common::*;
 use http::Request;
-use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -749,21 +745,6 @@ async fn a_16_mib_response_arrives_whole() {
     assert_eq!(reply.body.len(), n);
     assert!(reply.body.iter().all(|&b| b == b'x'));
     tg.stop().await;
-}
-
-/// A request body fed from a channel: frames are sent when the test decides.
-struct ChannelBody(mpsc::Receiver<Bytes>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
-    }
 }
 
 /// Reads response body frames until at least `want` bytes arrived or the body ended.
