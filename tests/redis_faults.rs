@@ -298,13 +298,15 @@ impl Spawned {
             let mut ready = Some(ready_tx);
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                let parsed = serde_json::from_str::<serde_json::Value>(&line);
+                // Kept before readiness is told, so a reader woken by it sees this line.
+                sink.lock().unwrap().push(line);
+                if let Ok(value) = parsed
                     && value["message"] == "tollgate serving"
                     && let Some(tx) = ready.take()
                 {
                     let _ = tx.send(value);
                 }
-                sink.lock().unwrap().push(line);
             }
         });
         let serving = match ready_rx.recv_timeout(Duration::from_secs(20)) {

@@ -9,6 +9,7 @@
 //! - [`Http`]: a small keep-alive client.
 #![allow(dead_code)]
 
+pub mod origins;
 pub mod raw;
 
 use std::collections::BTreeMap;
@@ -422,8 +423,24 @@ pub struct Binary {
 impl Binary {
     /// Starts `tollgate --log-format json run --config PATH` and waits for it to serve.
     pub fn start(config: &Path) -> Binary {
+        Self::start_with_open_files(config, None)
+    }
+
+    /// Like [`Binary::start`], with at most `limit` open files (util-linux `prlimit`, which
+    /// execs tollgate: the PID is tollgate's).
+    pub fn start_with_open_files(config: &Path, limit: Option<u32>) -> Binary {
         use std::io::BufRead;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        let mut command = match limit {
+            None => Command::new(env!("CARGO_BIN_EXE_tollgate")),
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_tollgate"));
+                c
+            }
+        };
+        let mut child = command
             .args(["--log-format", "json", "run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
@@ -441,12 +458,13 @@ impl Binary {
                 let Ok(line) = line else { break };
                 let value: serde_json::Value = serde_json::from_str(&line)
                     .unwrap_or_else(|_| serde_json::json!({ "message": line }));
+                // Kept before readiness is told, so a reader woken by it sees this line.
+                sink.lock().unwrap().push(value.clone());
                 if value["message"] == "tollgate serving"
                     && let Some(tx) = ready.take()
                 {
-                    let _ = tx.send(value.clone());
+                    let _ = tx.send(value);
                 }
-                sink.lock().unwrap().push(value);
             }
         });
         let serving = match ready_rx.recv_timeout(Duration::from_secs(20)) {
