@@ -74,7 +74,15 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Transient (EMFILE, ECONNABORTED): back off instead of spinning.
+                        tracing::warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(crate::server::ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                };
                 let app = app.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {

@@ -166,7 +166,13 @@ impl Runtime {
             .map(|u| {
                 u.targets
                     .iter()
-                    .map(|t| pools.get(&t.authority, u.connect_timeout))
+                    .map(|t| {
+                        pools.get(
+                            &t.authority,
+                            u.connect_timeout,
+                            u.max_connections_per_target,
+                        )
+                    })
                     .collect()
             })
             .collect();

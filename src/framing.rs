@@ -1,9 +1,16 @@
 //! Request framing and head checks beyond what hyper enforces, applied before anything else:
 //! exactly one Host on HTTP/1.1, and a `Transfer-Encoding` that is exactly `chunked` (never
 //! together with `Content-Length`, never on HTTP/1.0). Anything a front end and a back end could
-//! read differently is refused, so no second request can be smuggled past tollgate.
+//! read differently is refused, so no second request can be smuggled past tollgate. The request
+//! target is held to RFC 9112 §3.2 ([`check_target`]): a Host that is a valid `uri-host[:port]`
+//! and agrees with an absolute-form target, no userinfo, `*` only for OPTIONS, the authority
+//! form only for CONNECT (which tollgate does not tunnel: 405).
 
-use http::{HeaderMap, StatusCode, Version, header};
+use http::request::Parts;
+use http::{HeaderMap, Method, StatusCode, Version, header};
+
+use crate::policy::EscapedSlashes;
+use crate::route;
 
 /// Why a request head is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -20,17 +27,41 @@ pub enum FramingError {
     Ambiguous,
     #[error("Transfer-Encoding in an HTTP/1.0 request")]
     TransferEncodingOnHttp10,
+    #[error("the Host header is not a valid host[:port]")]
+    BadHost,
+    #[error("the Host header names another host than the request target")]
+    HostMismatch,
+    #[error("user information in the request target")]
+    Userinfo,
+    #[error("the request target \"*\" is only for OPTIONS")]
+    Asterisk,
+    #[error("the authority form of a request target is only for CONNECT")]
+    AuthorityForm,
+    #[error("CONNECT is not supported: tollgate does not open tunnels")]
+    Connect,
+    #[error("an escaped slash (%2F or %5C) in the path is refused by this server")]
+    EscapedSlash,
+    #[error("the request body is malformed")]
+    MalformedBody,
 }
 
 impl FramingError {
     pub fn status(self) -> StatusCode {
         match self {
             FramingError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
+            FramingError::Connect => StatusCode::METHOD_NOT_ALLOWED,
             FramingError::SeveralHosts
             | FramingError::NoHost
             | FramingError::BadTransferEncoding
             | FramingError::Ambiguous
-            | FramingError::TransferEncodingOnHttp10 => StatusCode::BAD_REQUEST,
+            | FramingError::TransferEncodingOnHttp10
+            | FramingError::BadHost
+            | FramingError::HostMismatch
+            | FramingError::Userinfo
+            | FramingError::Asterisk
+            | FramingError::AuthorityForm
+            | FramingError::EscapedSlash
+            | FramingError::MalformedBody => StatusCode::BAD_REQUEST,
         }
     }
 }
@@ -75,6 +106,44 @@ pub fn check(version: Version, headers: &HeaderMap) -> Result<(), FramingError> 
         (1, true) => Err(FramingError::UnsupportedCoding),
         _ => Err(FramingError::BadTransferEncoding),
     }
+}
+
+/// Checks the request target and Host (RFC 9112 §3.2): the rules that keep the host and path
+/// a route is matched on the same as those the upstream serves.
+pub fn check_target(parts: &Parts, escaped_slashes: EscapedSlashes) -> Result<(), FramingError> {
+    if parts.method == Method::CONNECT {
+        return Err(FramingError::Connect);
+    }
+    let uri = &parts.uri;
+    if let Some(authority) = uri.authority() {
+        if authority.as_str().contains('@') {
+            return Err(FramingError::Userinfo);
+        }
+        // Authority form (`GET host:80`): a target without a scheme is for CONNECT only.
+        if uri.scheme().is_none() {
+            return Err(FramingError::AuthorityForm);
+        }
+    }
+    if uri.path() == "*" && parts.method != Method::OPTIONS {
+        return Err(FramingError::Asterisk);
+    }
+    let host = match parts.headers.get(header::HOST) {
+        Some(h) => {
+            let text = h.to_str().map_err(|_| FramingError::BadHost)?;
+            Some(route::normalize_host(text).ok_or(FramingError::BadHost)?)
+        }
+        None => None,
+    };
+    if let Some(authority) = uri.authority() {
+        let target = route::normalize_host(authority.as_str()).ok_or(FramingError::BadHost)?;
+        if host.is_some_and(|h| !h.eq_ignore_ascii_case(target)) {
+            return Err(FramingError::HostMismatch);
+        }
+    }
+    if escaped_slashes == EscapedSlashes::Reject && route::has_escaped_slash(uri.path()) {
+        return Err(FramingError::EscapedSlash);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -164,12 +233,24 @@ pub fn check_response(headers: &HeaderMap) -> Result<(), FramingError> {
 /// [`HeadScanner`] under the connection notes them and the pipeline refuses them (400).
 #[derive(Debug, Default)]
 pub struct AmbiguousHeads {
+    /// The connection switched protocols (a 101 went out): the scanner stops.
+    switched: std::sync::atomic::AtomicBool,
     any: std::sync::atomic::AtomicBool,
     heads: std::sync::Mutex<Vec<u64>>,
     next_request: std::sync::atomic::AtomicU64,
 }
 
 impl AmbiguousHeads {
+    /// The connection is not HTTP/1 any more (an upgrade was accepted).
+    pub fn switched(&self) {
+        self.switched
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn has_switched(&self) -> bool {
+        self.switched.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn note(&self, head: u64) {
         self.heads
             .lock()
@@ -220,7 +301,6 @@ pub struct HeadScanner {
     line_len: usize,
     content_length: Option<u64>,
     chunked: bool,
-    upgrade: bool,
 }
 
 impl Default for HeadScanner {
@@ -232,7 +312,6 @@ impl Default for HeadScanner {
             line_len: 0,
             content_length: None,
             chunked: false,
-            upgrade: false,
         }
     }
 }
@@ -244,6 +323,9 @@ fn starts_with_ignore_case(line: &[u8], name: &[u8]) -> bool {
 impl HeadScanner {
     /// Feeds bytes as they are read from the client.
     pub fn feed(&mut self, mut bytes: &[u8], log: &AmbiguousHeads) {
+        if log.has_switched() {
+            self.state = ScanState::Done;
+        }
         while !bytes.is_empty() {
             match self.state {
                 ScanState::Done => return,
@@ -306,8 +388,6 @@ impl HeadScanner {
                     self.content_length = Some(parsed.unwrap_or(u64::MAX));
                 } else if starts_with_ignore_case(line, b"transfer-encoding:") {
                     self.chunked = true;
-                } else if starts_with_ignore_case(line, b"upgrade:") {
-                    self.upgrade = true;
                 }
             }
             ScanState::ChunkSize => {
@@ -341,17 +421,17 @@ impl HeadScanner {
     fn head_done(&mut self, log: &AmbiguousHeads) {
         let head = self.head;
         self.head += 1;
-        let (length, chunked, upgrade) = (self.content_length.take(), self.chunked, self.upgrade);
+        let (length, chunked) = (self.content_length.take(), self.chunked);
         self.chunked = false;
-        self.upgrade = false;
         self.state = match (length, chunked) {
             // Refused, and hyper closes such a connection after answering: nothing follows.
             (Some(_), true) => {
                 log.note(head);
                 ScanState::Done
             }
-            // An upgrade request may switch protocols: what follows may not be HTTP/1.
-            _ if upgrade => ScanState::Done,
+            // An upgrade request that is refused (its protocol is not allowed, or the upstream
+            // said no) leaves the connection HTTP/1, so it is followed like any other; one that
+            // is accepted stops the scanner through `AmbiguousHeads::switched`.
             (_, true) => ScanState::ChunkSize,
             (Some(u64::MAX), false) => ScanState::Done,
             (Some(0) | None, false) => ScanState::Head { first: true },
@@ -418,6 +498,19 @@ POST /d HTTP/1.1\r\nContent-Length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
     fn stops_at_upgrades_and_garbage() {
         let upgrade = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(ambiguous_heads(upgrade, 3), [false, false, false, false]);
+        // An upgrade that was refused leaves the connection HTTP/1: a smuggling head behind it
+        // is still seen. Once a 101 went out, nothing more is read as HTTP/1.
+        let refused = b"GET /ws HTTP/1.1\r\nUpgrade: h2c\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(ambiguous_heads(refused, 5), [false, true, false, false]);
+        let log = AmbiguousHeads::default();
+        let mut s = HeadScanner::default();
+        s.feed(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", &log);
+        log.switched();
+        s.feed(
+            &refused[b"GET /ws HTTP/1.1\r\nUpgrade: h2c\r\n\r\n".len()..],
+            &log,
+        );
+        assert!(!(0..4).any(|_| log.next_is_ambiguous()));
         let bad = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(ambiguous_heads(bad, 3), [false, false, false, false]);
     }

@@ -18,12 +18,14 @@
 //! Around them: [`config`] parses and validates proxy.toml into a typed [`policy::Policy`];
 //! [`app`] holds the policy in force with its store and swaps it whole on reload; [`reload`]
 //! watches for SIGHUP and file changes; [`admin`] serves /healthz, /readyz and /metrics;
-//! [`tls`] builds the rustls acceptor; [`timeouts`] holds the stall timers hyper lacks; [`report`] renders `check`'s summary.
+//! [`tls`] builds the rustls acceptor; [`timeouts`] holds the stall timers hyper lacks; [`report`] renders `check`'s summary;
+//! [`heap`] gives freed memory back to the system after bursts of connections.
 
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod framing;
+pub mod heap;
 pub mod identity;
 pub mod limiter;
 pub mod logging;

@@ -85,6 +85,7 @@ static REJECTED: Throttle = Throttle::new();
 static SHADOW: Throttle = Throttle::new();
 static STORE: Throttle = Throttle::new();
 static UPSTREAM: Throttle = Throttle::new();
+static BAD_BODY: Throttle = Throttle::new();
 static CONNECT: Throttle = Throttle::new();
 
 pub fn store_connect_error(error: &redis::RedisError) {
@@ -108,6 +109,13 @@ pub fn shadow_rejected(route: &str, client: IpAddr) {
 pub fn store_error(route: &str, error: &StoreError) {
     if let Some(suppressed) = STORE.allow() {
         tracing::warn!(route, %error, suppressed, "rate-limit store failed; applying on_store_error");
+    }
+}
+
+/// A client sent a request body that does not parse (bad chunk framing): its fault, a 400.
+pub fn bad_request_body(route: &str, error: &str) {
+    if let Some(suppressed) = BAD_BODY.allow() {
+        tracing::info!(route, error, suppressed, "malformed request body");
     }
 }
 

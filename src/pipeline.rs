@@ -76,6 +76,15 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
         return response::malformed(e);
     }
     let (mut parts, body) = request.into_parts();
+    if let Err(e) = framing::check_target(&parts, rt.policy.server.escaped_slashes) {
+        let status = e.status();
+        app.metrics
+            .unrouted
+            .get_or_create(&[("status", status.as_str().into())])
+            .inc();
+        access.finish(status.as_u16(), None, None);
+        return response::malformed(e);
+    }
     // One host for routing and forwarding: a request target or :authority with a host wins
     // over a Host header (RFC 9112 §3.2.2), so a route matched on one host cannot forward
     // to another.
@@ -141,6 +150,7 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
         Some(r) => r,
         None => {
             let upstream_started = Instant::now();
+            let parts_version = parts.version;
             let forwarded = forward(&rt, route, conn, parts, body).await;
             let elapsed = upstream_started.elapsed();
             route_metrics
@@ -148,7 +158,20 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
                 .observe(elapsed.as_secs_f64());
             access.upstream = Some(elapsed);
             match forwarded {
-                Ok(r) => r.map(Either::Left),
+                Ok(r) => {
+                    if r.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                        // What follows on this connection is not HTTP/1 any more.
+                        conn.ambiguous.switched();
+                    }
+                    let pace = (parts_version != http::Version::HTTP_2)
+                        .then(|| conn.writes.clone())
+                        .flatten();
+                    r.map(|b| Either::Left(b.paced_by(pace)))
+                }
+                Err(ProxyError::BadRequestBody(e)) => {
+                    logging::bad_request_body(&route.name, &e);
+                    response::malformed(framing::FramingError::MalformedBody)
+                }
                 Err(e) => {
                     logging::upstream_error(&route.name, &e);
                     proxy_error(&e)
@@ -213,12 +236,18 @@ async fn forward(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
-    let upgrade = proxy::wants_upgrade(&parts.headers);
+    let upgrade = proxy::allowed_upgrade(&mut parts.headers, &server.upgrades);
     let peer_trusted = identity::is_trusted(conn.peer.ip(), &server.trusted_proxies);
     proxy::strip_hop_by_hop(&mut parts.headers, upgrade, &rt.policy.key_headers);
     // The upstream request's framing is hyper's, computed from the body: never the client's.
     parts.headers.remove(header::CONTENT_LENGTH);
-    proxy::set_forwarding_headers(&mut parts.headers, conn, peer_trusted, host.as_ref());
+    proxy::set_forwarding_headers(
+        &mut parts.headers,
+        conn,
+        peer_trusted,
+        host.as_ref(),
+        parts.version,
+    );
     if let Some(host) = host
         && !parts.headers.contains_key(header::HOST)
     {
@@ -235,17 +264,27 @@ async fn forward(
         Request::from_parts(parts, body),
         &watch,
         server.max_body,
-        server.upgrade_idle_timeout,
+        proxy::Tunnel {
+            idle: server.upgrade_idle_timeout,
+            cut: &conn.cut,
+        },
     )
     .await
 }
 
-/// Every forwarding failure, mapped to its response in one place.
+/// Every forwarding failure, mapped to its response in one place. The details (addresses,
+/// parser messages) go to the log, never into a body a client reads.
 fn proxy_error(e: &ProxyError) -> Response<Body> {
     match e {
-        ProxyError::Connect(_) | ProxyError::Upstream(..) => response::bad_gateway(&e.to_string()),
-        ProxyError::Timeout(..) => response::gateway_timeout(&e.to_string()),
+        ProxyError::Connect(_) => response::bad_gateway("The upstream could not be reached."),
+        ProxyError::Upstream(..) => {
+            response::bad_gateway("The upstream failed or sent an invalid response.")
+        }
+        ProxyError::Timeout(..) => {
+            response::gateway_timeout("The upstream did not send a response in time.")
+        }
         ProxyError::BodyTooLarge(max) => response::payload_too_large(*max),
         ProxyError::BodyIdle => response::request_timeout(),
+        ProxyError::BadRequestBody(_) => response::malformed(framing::FramingError::MalformedBody),
     }
 }

@@ -55,6 +55,20 @@ pub struct Server {
     pub upgrade_idle_timeout: Duration,
     /// Open client connections at most; at the limit tollgate stops accepting until one closes.
     pub max_connections: usize,
+    /// `Upgrade` protocols passed to upstreams (lower case); any other is stripped and the
+    /// request served as plain HTTP/1.1, so no tunnel opens past the limiter.
+    pub upgrades: Vec<String>,
+    /// What `%2F` / `%5C` in a path mean for routing.
+    pub escaped_slashes: EscapedSlashes,
+}
+
+/// `[server] escaped_slashes`: how routing reads `%2F` and `%5C` in a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EscapedSlashes {
+    /// Routes match them as `/` (as most backends read them); forwarded as sent.
+    Decode,
+    /// 400: the request is refused.
+    Reject,
 }
 
 /// `[server.tls]`.
@@ -149,6 +163,8 @@ pub struct Upstream {
     pub targets: Vec<Target>,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    /// Idle keep-alive connections kept per target at most.
+    pub max_connections_per_target: usize,
     next: AtomicUsize,
 }
 
@@ -166,6 +182,7 @@ impl Upstream {
         targets: Vec<Target>,
         connect_timeout: Duration,
         timeout: Duration,
+        max_connections_per_target: usize,
     ) -> Self {
         Upstream {
             name,
@@ -173,6 +190,7 @@ impl Upstream {
             targets,
             connect_timeout,
             timeout,
+            max_connections_per_target,
             next: AtomicUsize::new(0),
         }
     }

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -36,6 +36,9 @@ pub enum ProxyError {
     BodyTooLarge(u64),
     #[error("request body stalled")]
     BodyIdle,
+    /// The client's body does not parse (bad chunk framing): the client's fault.
+    #[error("malformed request body: {0}")]
+    BadRequestBody(String),
 }
 
 /// Facts about the client connection a request arrived on.
@@ -48,6 +51,10 @@ pub struct ConnInfo {
     pub peer_entry: HeaderValue,
     /// Request heads of this connection that carried both framing headers.
     pub ambiguous: Arc<crate::framing::AmbiguousHeads>,
+    /// Ends the tasks this connection starts (upgraded tunnels) when shutdown cuts it.
+    pub cut: crate::server::Cut,
+    /// Whether the client's socket is full (HTTP/1: upstream bodies wait for it).
+    pub writes: Option<Arc<crate::timeouts::ClientWrites>>,
 }
 
 impl ConnInfo {
@@ -63,7 +70,21 @@ impl ConnInfo {
             scheme,
             peer_entry,
             ambiguous,
+            cut: crate::server::Cut::never(),
+            writes: None,
         }
+    }
+
+    /// The client socket's fullness, reported by its writer.
+    pub fn with_writes(mut self, writes: Arc<crate::timeouts::ClientWrites>) -> ConnInfo {
+        self.writes = Some(writes);
+        self
+    }
+
+    /// The shutdown cut of the listener this connection came from.
+    pub fn with_cut(mut self, cut: crate::server::Cut) -> ConnInfo {
+        self.cut = cut;
+        self
     }
 }
 
@@ -80,6 +101,42 @@ fn protected(name: &HeaderName, key_headers: &[HeaderName]) -> bool {
         *name,
         header::HOST | header::CONTENT_LENGTH | header::TRANSFER_ENCODING
     ) || key_headers.contains(name)
+}
+
+/// Whether the request asks to switch to a protocol in `allowed` (lower-case names; the
+/// `[server] upgrades` list). The `Upgrade` header is cut down to the allowed protocols; when
+/// none is left the caller strips it with its `Connection` nominations (`HTTP2-Settings`) and
+/// the request is served as plain HTTP/1.1: an `h2c` upgrade would open a tunnel whose
+/// requests no limit sees.
+pub fn allowed_upgrade(headers: &mut HeaderMap, allowed: &[String]) -> bool {
+    if !wants_upgrade(headers) {
+        return false;
+    }
+    let offered: Vec<&str> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    let kept: Vec<&str> = offered
+        .iter()
+        .copied()
+        .filter(|t| {
+            let name = t.split('/').next().unwrap_or_default().trim();
+            allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+        })
+        .collect();
+    if kept.is_empty() {
+        return false;
+    }
+    if kept.len() != offered.len()
+        && let Ok(value) = HeaderValue::from_str(&kept.join(", "))
+    {
+        headers.insert(header::UPGRADE, value);
+    }
+    true
 }
 
 /// Whether the request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
@@ -141,11 +198,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, key_headers
     }
 }
 
-/// The contract fixes tollgate's Via entry as `1.1 tollgate`, whatever the client spoke.
-const VIA: &str = "1.1 tollgate";
+/// tollgate's `Via` entry for a message received over `version` (RFC 9110 §7.6.3: the
+/// protocol received): `1.0 tollgate`, `1.1 tollgate` or `2 tollgate`.
+fn via_entry(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "0.9 tollgate",
+        Version::HTTP_10 => "1.0 tollgate",
+        Version::HTTP_2 => "2 tollgate",
+        Version::HTTP_3 => "3 tollgate",
+        _ => "1.1 tollgate",
+    }
+}
 
-fn append_via(headers: &mut HeaderMap) {
-    let ours = VIA;
+fn append_via(headers: &mut HeaderMap, version: Version) {
+    let ours = via_entry(version);
     // Every Via line, in order, as one list.
     let joined: Vec<&str> = headers
         .get_all(header::VIA)
@@ -169,6 +235,7 @@ pub fn set_forwarding_headers(
     conn: &ConnInfo,
     peer_trusted: bool,
     host: Option<&HeaderValue>,
+    version: Version,
 ) {
     let xff = if headers.contains_key(&X_FORWARDED_FOR) {
         let mut list: Vec<&str> = headers
@@ -197,27 +264,51 @@ pub fn set_forwarding_headers(
     if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST, host.clone());
     }
-    append_via(headers);
+    append_via(headers, version);
 }
 
-/// What went wrong with a request body on its way to the upstream, shared between the body
-/// (which sees it) and the forwarder (which turns it into a response).
+/// What happened to a request body on its way to the upstream, shared between the body (which
+/// sees it), the forwarder (which turns a fault into a response) and the upstream pool (which
+/// reuses a connection only once its request was written whole).
 #[derive(Clone, Default)]
-pub struct BodyWatch(Arc<AtomicU8>); // 0: no fault
+pub struct BodyWatch(Arc<WatchState>);
+
+#[derive(Default)]
+struct WatchState {
+    /// 0: no fault, else one of the `BODY_*` codes.
+    fault: AtomicU8,
+    /// The body was read to its end (so the upstream request was written whole).
+    finished: AtomicBool,
+    /// The parser's message for a malformed body, for the log.
+    message: std::sync::OnceLock<String>,
+}
 
 const BODY_TOO_LARGE: u8 = 1;
 const BODY_IDLE: u8 = 2;
+const BODY_MALFORMED: u8 = 3;
 
 impl BodyWatch {
     fn set(&self, fault: u8) {
-        self.0.store(fault, Ordering::Relaxed);
+        self.0.fault.store(fault, Ordering::Relaxed);
+    }
+
+    fn finish(&self) {
+        self.0.finished.store(true, Ordering::Release);
+    }
+
+    /// Whether the whole body went out: only then may its connection carry another request.
+    pub fn finished(&self) -> bool {
+        self.0.finished.load(Ordering::Acquire)
     }
 
     /// The fault as a forwarding error, if there was one.
     fn fault(&self, max_body: u64) -> Option<ProxyError> {
-        match self.0.load(Ordering::Relaxed) {
+        match self.0.fault.load(Ordering::Relaxed) {
             BODY_TOO_LARGE => Some(ProxyError::BodyTooLarge(max_body)),
             BODY_IDLE => Some(ProxyError::BodyIdle),
+            BODY_MALFORMED => Some(ProxyError::BadRequestBody(
+                self.0.message.get().cloned().unwrap_or_default(),
+            )),
             _ => None,
         }
     }
@@ -244,12 +335,20 @@ pub struct TooLarge(pub u64);
 pub struct BodyIdle;
 
 impl RequestBody {
+    /// What the pool watches: whether this body was sent whole.
+    pub fn watch(&self) -> &BodyWatch {
+        &self.watch
+    }
+
     pub fn new(
         inner: Incoming,
         max_body: Option<u64>,
         idle_timeout: Duration,
     ) -> (RequestBody, BodyWatch) {
         let watch = BodyWatch::default();
+        if inner.is_end_stream() {
+            watch.finish();
+        }
         (
             RequestBody {
                 inner,
@@ -283,10 +382,22 @@ impl HttpBody for RequestBody {
                     }
                     *remaining -= n;
                 }
+                if this.inner.is_end_stream() {
+                    this.watch.finish();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => {
+                // hyper's server read this body from the client: bad chunk framing or a
+                // connection cut mid-body is the client's doing, never the upstream's.
+                let _ = this.watch.0.message.set(error_chain(&e));
+                this.watch.set(BODY_MALFORMED);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => {
+                this.watch.finish();
+                Poll::Ready(None)
+            }
             Poll::Pending if this.idle.poll_expired(cx) => {
                 this.watch.set(BODY_IDLE);
                 Poll::Ready(Some(Err(Box::new(BodyIdle))))
@@ -304,6 +415,14 @@ impl HttpBody for RequestBody {
     }
 }
 
+/// How an upgraded connection is spliced: closed after `idle` without traffic, and run under
+/// the listener's shutdown `cut`.
+#[derive(Clone, Copy)]
+pub struct Tunnel<'a> {
+    pub idle: Duration,
+    pub cut: &'a crate::server::Cut,
+}
+
 /// Sends `request` (whose headers the caller has prepared) to target `target` of `upstream`
 /// through its connection pool and waits for the response head, bounded by the upstream's
 /// timeout. The response's hop-by-hop headers are stripped and `Via` added; a `101` is spliced
@@ -315,7 +434,7 @@ pub async fn forward(
     mut request: Request<RequestBody>,
     watch: &BodyWatch,
     max_body: Option<u64>,
-    upgrade_idle: Duration,
+    tunnel: Tunnel<'_>,
 ) -> Result<Response<PooledBody>, ProxyError> {
     let authority = &upstream.targets[target].authority;
     // The upstream gets origin-form (`/path?query`), whatever form the client used.
@@ -368,10 +487,13 @@ pub async fn forward(
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching && let Some(client_upgrade) = client_upgrade {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(splice(client_upgrade, upstream_upgrade, upgrade_idle));
+        tunnel
+            .cut
+            .spawn(splice(client_upgrade, upstream_upgrade, tunnel.idle));
     }
     strip_hop_by_hop(response.headers_mut(), switching, &[]);
-    append_via(response.headers_mut());
+    let version = response.version();
+    append_via(response.headers_mut(), version);
     Ok(response)
 }
 
@@ -475,7 +597,7 @@ mod tests {
             ("via", "1.0 edge"),
         ]);
         let host = HeaderValue::from_static("api.example.com");
-        set_forwarding_headers(&mut h, &conn, false, Some(&host));
+        set_forwarding_headers(&mut h, &conn, false, Some(&host), Version::HTTP_11);
         assert_eq!(h["x-forwarded-for"], "198.51.100.1, 192.0.2.1");
         assert_eq!(
             h["x-forwarded-proto"], "http",
@@ -484,12 +606,41 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "api.example.com");
         assert_eq!(h["via"], "1.0 edge, 1.1 tollgate");
         let mut h = map(&[("x-forwarded-proto", "https")]);
-        set_forwarding_headers(&mut h, &conn, true, None);
+        set_forwarding_headers(&mut h, &conn, true, None, Version::HTTP_11);
         assert_eq!(
             h["x-forwarded-proto"], "https",
             "a trusted proxy's value is kept"
         );
         assert_eq!(h["x-forwarded-for"], "192.0.2.1");
         assert_eq!(h["via"], "1.1 tollgate");
+        for (version, via) in [
+            (Version::HTTP_10, "1.0 tollgate"),
+            (Version::HTTP_11, "1.1 tollgate"),
+            (Version::HTTP_2, "2 tollgate"),
+        ] {
+            let mut h = HeaderMap::new();
+            set_forwarding_headers(&mut h, &conn, false, None, version);
+            assert_eq!(h["via"], via, "{version:?}");
+        }
+    }
+
+    #[test]
+    fn only_allowed_upgrades_survive() {
+        let ws = ["websocket".to_string()];
+        let mut h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+        ]);
+        assert!(!allowed_upgrade(&mut h, &ws));
+        strip_hop_by_hop(&mut h, false, &[]);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = map(&[("connection", "upgrade"), ("upgrade", "WebSocket")]);
+        assert!(allowed_upgrade(&mut h, &ws), "names are case-insensitive");
+        let mut h = map(&[("connection", "upgrade"), ("upgrade", "h2c, websocket/13")]);
+        assert!(allowed_upgrade(&mut h, &ws));
+        assert_eq!(h["upgrade"], "websocket/13");
+        let mut h = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        assert!(!allowed_upgrade(&mut h, &[]), "an empty list allows none");
     }
 }

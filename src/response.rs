@@ -114,16 +114,22 @@ pub fn payload_too_large(max: u64) -> Response<Body> {
     )
 }
 
-/// 400 (or 501 for an unsupported transfer coding): a request head tollgate will not forward.
-/// The connection is closed after it: its framing cannot be trusted.
+/// 400 (501 for an unsupported transfer coding, 405 for CONNECT): a request tollgate will not
+/// forward. The connection is closed after it: its framing cannot be trusted.
 pub fn malformed(e: crate::framing::FramingError) -> Response<Body> {
     let status = e.status();
-    let kind = if status == StatusCode::NOT_IMPLEMENTED {
-        "not-implemented"
-    } else {
-        "bad-request"
+    let kind = match status {
+        StatusCode::NOT_IMPLEMENTED => "not-implemented",
+        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+        _ => "bad-request",
     };
     let mut r = problem(status, kind, &e.to_string(), &[]);
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        r.headers_mut().insert(
+            http::header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
+        );
+    }
     r.headers_mut()
         .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     r

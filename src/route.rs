@@ -1,8 +1,14 @@
 //! Route matching: the first route, in file order, whose `match` holds for the request.
 //!
-//! Paths are compared after normalisation (percent-encoded unreserved characters decoded, `//`
-//! collapsed, `.` and `..` segments resolved), so `/v1/../login` or `/%6cogin` cannot slip past
-//! the limits of `/login`. The request is forwarded with its path exactly as received.
+//! Hosts and paths are compared as backends read them, so that no spelling of a limited
+//! resource selects another route while the backend serves the limited one:
+//! - the host without its port (only when it is a valid port) and with one trailing dot
+//!   removed (`limited.example.:80` is `limited.example`);
+//! - the path percent-decoded for unreserved characters and for `%2F` / `%5C` (both read as
+//!   `/`, as is a bare `\`), repeated slashes merged, `.` and `..` segments resolved after
+//!   decoding (`/x/..%2flogin` is `/login`).
+//!
+//! The request is forwarded with its path exactly as received.
 
 use std::borrow::Cow;
 
@@ -25,7 +31,7 @@ impl<'a> RequestView<'a> {
     pub fn new(parts: &'a Parts) -> Self {
         RequestView {
             method: &parts.method,
-            host: request_host(&parts.uri, &parts.headers).map(strip_port),
+            host: request_host(&parts.uri, &parts.headers).and_then(normalize_host),
             path: normalize_path(parts.uri.path()),
             headers: &parts.headers,
         }
@@ -41,15 +47,54 @@ pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str>
     headers.get(header::HOST).and_then(|h| h.to_str().ok())
 }
 
-/// `example.com:8080` → `example.com`; `[::1]:8080` → `::1`.
-pub fn strip_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
+/// A `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2.2) as backends read it for virtual
+/// hosting: the name without its port and without one trailing dot (`example.com.:80` →
+/// `example.com`, `[::1]:8080` → `::1`). None when it is not a valid host: a reg-name with a
+/// character outside unreserved / pct-encoded / sub-delims, a bad IPv6 literal, a port that is
+/// not 0–65535 (`example.com:abc`), or userinfo.
+pub fn normalize_host(host: &str) -> Option<&str> {
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        let (literal, after) = rest.split_once(']')?;
+        literal.parse::<std::net::Ipv6Addr>().ok()?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':')?),
+        };
+        return valid_port(port).then_some(literal);
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        }
+    };
+    if !valid_port(port) || !name.bytes().all(is_reg_name_byte) {
+        return None;
     }
-    match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
+    Some(name.strip_suffix('.').unwrap_or(name))
+}
+
+/// `port = *DIGIT`, and a number a TCP port can be.
+fn valid_port(port: Option<&str>) -> bool {
+    match port {
+        None | Some("") => true,
+        Some(p) => {
+            p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
+        }
     }
+}
+
+/// unreserved / pct-encoded (its `%` and hex digits) / sub-delims.
+fn is_reg_name_byte(b: u8) -> bool {
+    is_unreserved(b) || b == b'%' || b"!$&'()*+,;=".contains(&b)
+}
+
+/// Whether a path carries `%2F` or `%5C` (any case).
+pub fn has_escaped_slash(path: &str) -> bool {
+    path.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && (w[1] == b'2' && w[2].eq_ignore_ascii_case(&b'f')
+                || w[1] == b'5' && w[2].eq_ignore_ascii_case(&b'c'))
+    })
 }
 
 impl Policy {
@@ -118,15 +163,17 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
-/// Normalises a path for matching (RFC 3986 §6.2.2 plus slash merging): decodes `%XX` of
-/// unreserved characters, merges repeated slashes, removes `.` and `..` segments (never above
-/// the root). Other escapes, `%2F` included, stay as they are. Borrows when already normal.
+/// Normalises a path for matching (RFC 3986 §6.2.2 plus what backends do): decodes `%XX` of
+/// unreserved characters, reads `%2F`, `%5C` and `\` as `/`, merges repeated slashes, removes
+/// `.` and `..` segments (never above the root) after decoding. Other escapes stay, in upper
+/// case. Borrows when already normal.
 pub fn normalize_path(path: &str) -> Cow<'_, str> {
     let bytes = path.as_bytes();
     let needs_work = bytes.is_empty()
         || bytes[0] != b'/'
         || bytes.windows(2).any(|w| w == b"//" || w == b"/.")
-        || bytes.contains(&b'%');
+        || bytes.contains(&b'%')
+        || bytes.contains(&b'\\');
     if !needs_work {
         return Cow::Borrowed(path);
     }
@@ -144,6 +191,8 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
             let c = h * 16 + l;
             if is_unreserved(c) {
                 decoded.push(c);
+            } else if c == b'/' || c == b'\\' {
+                decoded.push(b'/');
             } else {
                 decoded.push(b'%');
                 decoded.push(bytes[i + 1].to_ascii_uppercase());
@@ -152,7 +201,7 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
             i += 3;
             continue;
         }
-        decoded.push(bytes[i]);
+        decoded.push(if bytes[i] == b'\\' { b'/' } else { bytes[i] });
         i += 1;
     }
     let mut segments: Vec<&[u8]> = Vec::new();
@@ -271,8 +320,14 @@ upstream = "api"
             ("/v1/", "/v1/"),
             ("/v1/x/.", "/v1/x/"),
             ("/", "/"),
-            ("/a%2Fb", "/a%2Fb"),
-            ("/a%2fb", "/a%2Fb"),
+            ("/a%2Fb", "/a/b"),
+            ("/a%2fb", "/a/b"),
+            ("/%2flogin", "/login"),
+            ("/x/..%2flogin", "/login"),
+            ("/x/..%5clogin", "/login"),
+            ("/x\\..\\login", "/login"),
+            ("/%2e%2e%2flogin", "/login"),
+            ("/a%3Fb", "/a%3Fb"),
             ("/100%", "/100%"),
             ("/%zz", "/%zz"),
         ] {
@@ -282,10 +337,29 @@ upstream = "api"
     }
 
     #[test]
-    fn hosts_lose_their_port() {
-        assert_eq!(strip_port("example.com:80"), "example.com");
-        assert_eq!(strip_port("example.com"), "example.com");
-        assert_eq!(strip_port("[::1]:8080"), "::1");
-        assert_eq!(strip_port("[::1]"), "::1");
+    fn hosts_as_backends_read_them() {
+        for (raw, normal) in [
+            ("limited.example", Some("limited.example")),
+            ("limited.example.", Some("limited.example")),
+            ("limited.example.:80", Some("limited.example")),
+            ("limited.example:", Some("limited.example")),
+            ("limited.example..", Some("limited.example.")),
+            ("limited.example:abc", None),
+            ("limited.example:99999", None),
+            ("user:pw@free.example", None),
+            ("a b", None),
+            ("a/b", None),
+            ("[::1]:8080", Some("::1")),
+            ("[::1]", Some("::1")),
+            ("[zz]", None),
+            ("[::1]x", None),
+            ("127.0.0.1:8080", Some("127.0.0.1")),
+            ("", Some("")),
+        ] {
+            assert_eq!(normalize_host(raw), normal, "{raw:?}");
+        }
+        assert!(has_escaped_slash("/a%2fb"));
+        assert!(has_escaped_slash("/a%5Cb"));
+        assert!(!has_escaped_slash("/a%25b/"));
     }
 }

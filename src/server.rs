@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use http::uri::Scheme;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use crate::framing::{AmbiguousHeads, HeadScanner};
-use crate::timeouts::WriteStall;
+use crate::timeouts::{ClientWrites, WriteStall};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -27,6 +27,54 @@ use crate::proxy::ConnInfo;
 
 /// How long a TLS client may take to finish its handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pause after a failed accept (EMFILE, ECONNABORTED): transient errors, not worth a spin.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The signal that cuts every task of the listener once the shutdown grace is over: connection
+/// tasks, HTTP/2 stream tasks and upgraded tunnels all run under it, so [`serve`] (and the
+/// library's `run`) really ends them, whatever runtime it runs on.
+#[derive(Clone, Debug)]
+pub struct Cut(Option<tokio::sync::watch::Receiver<bool>>);
+
+impl Cut {
+    /// A signal that never fires (a connection made outside a listener).
+    pub fn never() -> Cut {
+        Cut(None)
+    }
+
+    /// Runs `fut` until it ends or the cut comes.
+    pub fn spawn<F>(&self, fut: F)
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let Some(mut cut) = self.0.clone() else {
+            tokio::spawn(fut);
+            return;
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = fut => {}
+                _ = cut.wait_for(|c| *c) => {}
+            }
+        });
+    }
+}
+
+/// hyper's HTTP/2 server spawns a task per stream: under the cut like the rest.
+#[derive(Clone)]
+struct CutExecutor(Cut);
+
+impl<F> hyper::rt::Executor<F> for CutExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
+}
 
 /// Open connections, and a wake-up for the accept loop when one closes.
 #[derive(Default)]
@@ -68,6 +116,18 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
     // gives up, an HTTP/1 one closes after its in-flight request, an HTTP/2 one sends GOAWAY and
     // finishes its open streams.
     let (draining, drain) = tokio::sync::watch::channel(false);
+    let (cutting, cut) = tokio::sync::watch::channel(false);
+    let cut = Cut(Some(cut));
+    let counted = capacity.clone();
+    let mut trim_stop = drain.clone();
+    let trimmer = Arc::new(crate::heap::Trimmer::new());
+    tokio::spawn(
+        trimmer
+            .clone()
+            .run(move || counted.open.load(Ordering::Relaxed), async move {
+                let _ = trim_stop.wait_for(|d| *d).await;
+            }),
+    );
     tokio::pin!(shutdown);
     loop {
         let max = app.runtime().policy.server.max_connections;
@@ -78,13 +138,14 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    capacity.open.fetch_add(1, Ordering::AcqRel);
+                    trimmer.saw(capacity.open.fetch_add(1, Ordering::AcqRel) + 1);
                     app.metrics.open_connections.inc();
                     let slot = Slot(capacity.clone(), app.clone());
                     let app = app.clone();
                     let drain = drain.clone();
-                    tokio::spawn(async move {
-                        connection(app, stream, peer, drain).await;
+                    let conn_cut = cut.clone();
+                    cut.spawn(async move {
+                        connection(app, stream, peer, drain, conn_cut).await;
                         drop(slot);
                     });
                 }
@@ -92,7 +153,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
                     // Accept errors are transient (EMFILE, ECONNABORTED): pause briefly
                     // rather than spin, and keep serving.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
             () = &mut shutdown => break,
@@ -109,6 +170,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
             tracing::warn!("shutdown grace expired; cutting the remaining requests");
         }
     }
+    // Whatever is left (connections, streams, tunnels) ends now, not when the runtime does.
+    let _ = cutting.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(1), capacity.room(1)).await;
 }
 
 /// Connection settings taken from the policy in force when the connection starts.
@@ -205,6 +269,7 @@ async fn connection(
     stream: TcpStream,
     peer: std::net::SocketAddr,
     mut drain: tokio::sync::watch::Receiver<bool>,
+    cut: Cut,
 ) {
     let _ = stream.set_nodelay(true);
     let rt = app.runtime();
@@ -218,7 +283,12 @@ async fn connection(
         Scheme::HTTP
     };
     let heads = Arc::new(AmbiguousHeads::default());
-    let conn = Arc::new(ConnInfo::new(peer, scheme, heads.clone()));
+    let writes = Arc::new(ClientWrites::default());
+    let conn = Arc::new(
+        ConnInfo::new(peer, scheme, heads.clone())
+            .with_cut(cut.clone())
+            .with_writes(writes.clone()),
+    );
     let svc_app = app.clone();
     let service = service_fn(move |request| {
         let app = svc_app.clone();
@@ -238,11 +308,11 @@ async fn connection(
                 tracing::debug!(%peer, "closed, silent or draining before a request");
                 return;
             };
-            let io = WriteStall::new(stream, send_timeout);
-            serve_io(settings, protocol, io, heads, service, drain).await
+            let io = WriteStall::new(stream, send_timeout).reporting(writes);
+            serve_io(settings, protocol, io, heads, service, drain, cut).await
         }
         Some(acceptor) => {
-            let io = WriteStall::new(stream, send_timeout);
+            let io = WriteStall::new(stream, send_timeout).reporting(writes);
             let handshake = tokio::select! {
                 r = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)) => r,
                 _ = drain.wait_for(|d| *d) => return,
@@ -263,7 +333,7 @@ async fn connection(
                 Some(b"h2") => Protocol::Http2,
                 _ => Protocol::Http1,
             };
-            serve_io(settings, protocol, stream, heads, service, drain).await
+            serve_io(settings, protocol, stream, heads, service, drain, cut).await
         }
     };
     if let Err(e) = result {
@@ -283,6 +353,7 @@ async fn serve_io<I, S>(
     heads: Arc<AmbiguousHeads>,
     service: S,
     mut drain: tokio::sync::watch::Receiver<bool>,
+    cut: Cut,
 ) -> Result<(), BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -316,7 +387,7 @@ where
             conn.await.map_err(Into::into)
         }
         Protocol::Http2 => {
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let conn = hyper::server::conn::http2::Builder::new(CutExecutor(cut))
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(256)
                 .max_header_list_size(64 * 1024)

@@ -1340,3 +1340,225 @@ async fn memory_stays_bounded_for_64_mib_bodies_and_5000_idle_connections() {
     );
     drop(bin);
 }
+
+// ---------------------------------------------------------------------------------------------
+// No way to starve a neighbour
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_slow_upload_answered_early_never_holds_up_the_next_request() {
+    // nginx answers /early before reading the body, as an app rejecting with 401 does.
+    let origin = common::origins::Nginx::start(
+        "server { listen 127.0.0.1:{port}; location /early { return 401 \"no\\n\"; } \
+         location / { return 200 \"ok\\n\"; } }",
+    );
+    let tg = start_tollgate(&config_with(&origin.target(), "", OPEN_ROUTE)).await;
+    let mut slow = TcpStream::connect(tg.addr).await.unwrap();
+    slow.write_all(b"POST /early HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nh")
+        .await
+        .unwrap();
+    let mut reader = tokio::io::BufReader::new(slow);
+    let early = tokio::time::timeout(IO_TIMEOUT, read_response(&mut reader))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(early.status, 401);
+    // The rest of the body dribbles in over 4 s while another client asks for something.
+    let mut slow = reader.into_inner();
+    let dribble = tokio::spawn(async move {
+        for b in b"ello" {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if slow.write_all(&[*b]).await.is_err() {
+                return;
+            }
+        }
+    });
+    for path in ["/b", "/c", "/d"] {
+        let (status, took) = normal_get(tg.addr, path).await;
+        assert_eq!(status, 200);
+        assert!(
+            took < Duration::from_millis(500),
+            "{path} waited {took:?} behind a slow upload"
+        );
+    }
+    dribble.abort();
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn run_cuts_what_is_left_when_the_grace_expires() {
+    let upstream = Upstream::start().await;
+    let tg = start_tollgate(&config_with(
+        &upstream.target(),
+        "shutdown_grace = \"300ms\"",
+        OPEN_ROUTE,
+    ))
+    .await;
+    let mut client = TcpStream::connect(tg.addr).await.unwrap();
+    client
+        .write_all(b"GET /slow/20000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let app = tg.app.clone();
+    eventually(Duration::from_secs(5), || {
+        let n = app.metrics.in_flight.get();
+        async move { n == 1 }
+    })
+    .await;
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(3), tg.stop())
+        .await
+        .expect("stop returns once the grace has expired");
+    let stopped_in = started.elapsed();
+    assert!(stopped_in < Duration::from_secs(2), "{stopped_in:?}");
+    // The request in flight was cut by `run` itself: this runtime lives on, and the client's
+    // connection closes without an answer.
+    let (_, received, closed) = until_closed(&mut client, Duration::from_secs(2)).await;
+    assert!(closed, "the connection was cut");
+    assert_eq!(received, 0, "no answer was sent");
+    assert_eq!(app.metrics.in_flight.get(), 0, "the cut request ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_a_large_response_cost_little_and_give_it_back() {
+    const SIZE: u64 = 10 * 1024 * 1024;
+    const CLIENTS: usize = 500;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        config_with(&upstream.target(), "admin = \"127.0.0.1:0\"", OPEN_ROUTE)
+            .replace("timeout = \"5s\"", "timeout = \"60s\""),
+    )
+    .unwrap();
+    let bin = Binary::start(&config);
+    let pid = bin.child.id();
+    let admin = bin.admin.expect("the admin listener");
+    let http = Http::new();
+    assert_eq!(download(bin.addr, 1024 * 1024).await, 1024 * 1024);
+    until_open(&http, admin, 0, Duration::from_secs(5)).await;
+    let base = proc_kib(pid, "RssAnon");
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        // A small receive buffer: the client's kernel takes little, as a slow reader's would.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(bin.addr).await.unwrap();
+        s.write_all(format!("GET /size/{SIZE} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        clients.push(s);
+    }
+    let up = &upstream;
+    eventually(Duration::from_secs(20), || {
+        let n = up.count();
+        async move { n > CLIENTS }
+    })
+    .await;
+    // Let the pipes fill: RSS is read once it stops growing (bounded). Anonymous memory only:
+    // the file-backed part is the binary's own code, paged in as it runs.
+    let mut loaded = proc_kib(pid, "RssAnon");
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = proc_kib(pid, "RssAnon");
+        if now <= loaded + loaded / 200 {
+            loaded = loaded.max(now);
+            break;
+        }
+        loaded = now;
+    }
+    let per_client = loaded.saturating_sub(base) * 1024 / CLIENTS as u64;
+    drop(clients);
+    until_open(&http, admin, 0, Duration::from_secs(20)).await;
+    let mut after = proc_kib(pid, "RssAnon");
+    for _ in 0..40 {
+        if after <= base + 20 * 1024 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        after = proc_kib(pid, "RssAnon");
+    }
+    eprintln!(
+        "slow readers: anonymous RSS {base} KiB before, {loaded} KiB with {CLIENTS} non-reading \
+         clients of a 10 MiB response ({per_client} bytes each), {after} KiB after they left \
+         (VmRSS with the binary's file pages: {} KiB)",
+        proc_kib(pid, "VmRSS")
+    );
+    assert!(
+        per_client <= 64 * 1024,
+        "{per_client} bytes per non-reading client"
+    );
+    assert!(
+        after <= base + 20 * 1024,
+        "RSS {after} KiB a few seconds after the clients left (before: {base} KiB)"
+    );
+    drop(bin);
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+#[tokio::test]
+async fn accept_errors_back_off_on_both_listeners() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        config_with(&upstream.target(), "admin = \"127.0.0.1:0\"", OPEN_ROUTE),
+    )
+    .unwrap();
+    // Few open files: connections soon exhaust them, and accept fails with EMFILE while
+    // more clients wait in the backlogs.
+    let bin = Binary::start_with_open_files(&config, Some(48));
+    let pid = bin.child.id();
+    let admin = bin.admin.unwrap();
+    let mut held = Vec::new();
+    for addr in [admin, bin.addr] {
+        for _ in 0..40 {
+            if let Ok(s) = TcpStream::connect(addr).await {
+                held.push(s);
+            }
+        }
+    }
+    let before = cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_seconds(pid) - before;
+    assert!(
+        used < 0.3,
+        "tollgate used {used:.2} s of CPU in 1 s while accept kept failing"
+    );
+    assert!(
+        bin.logs().iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("accept failed"))),
+        "the accept errors were logged"
+    );
+    // Both listeners serve again once files are free.
+    drop(held);
+    async fn status_of(addr: SocketAddr, path: &str) -> Option<u16> {
+        let attempt = async {
+            let mut s = TcpStream::connect(addr).await.ok()?;
+            let head = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+            s.write_all(head.as_bytes()).await.ok()?;
+            read_response(&mut s).await.ok().map(|r| r.status)
+        };
+        tokio::time::timeout(Duration::from_secs(2), attempt)
+            .await
+            .ok()
+            .flatten()
+    }
+    let main = bin.addr;
+    eventually(Duration::from_secs(15), || async move {
+        status_of(admin, "/healthz").await == Some(200) && status_of(main, "/x").await == Some(200)
+    })
+    .await;
+    drop(bin);
+}

@@ -924,12 +924,22 @@ async fn the_host_that_picks_the_route_is_the_host_the_upstream_gets() {
     ) + &route("rest", "api", "", "");
     let cfg = config_with("", &upstream_table("api", &upstream.target(), ""), &routes);
     let tg = start_tollgate(&cfg).await;
-    // An absolute-form target names the host; a different Host header cannot redirect the
-    // request to another vhost than the one whose limits applied.
+    // An absolute-form target names the host; a Host header naming another one is refused
+    // (RFC 9112 §3.2.2 leaves it to the server; a proxy that routed on one and forwarded the
+    // other could be walked around).
+    let reply = raw_exchange(
+        tg.addr,
+        b"GET http://example.com/h HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert_eq!(upstream.count(), 0, "nothing forwarded");
+    // The same host spelt differently (case, trailing dot, port) agrees, and the route is the
+    // one of that host.
     for expected in [200, 429] {
         let reply = raw_exchange(
             tg.addr,
-            b"GET http://example.com/h HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n",
+            b"GET http://example.com/h HTTP/1.1\r\nHost: EXAMPLE.com.:80\r\nConnection: close\r\n\r\n",
         )
         .await;
         assert_eq!(reply.status, expected, "{reply:?}");

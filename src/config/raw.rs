@@ -42,6 +42,8 @@ pub struct RawServer {
     pub send_timeout: Option<S<String>>,
     pub upgrade_idle_timeout: Option<S<String>>,
     pub max_connections: Option<S<i64>>,
+    pub upgrades: Option<S<Vec<S<String>>>>,
+    pub escaped_slashes: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -75,6 +77,7 @@ pub struct RawUpstream {
     pub targets: S<Vec<S<String>>>,
     pub connect_timeout: Option<S<String>>,
     pub timeout: Option<S<String>>,
+    pub max_connections_per_target: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -260,6 +260,35 @@ fn server(v: &mut Validator, raw: &S<RawServer>) -> Server {
             key: v.base_dir.join(t.key.get_ref()),
         }
     });
+    let upgrades = match &s.upgrades {
+        None => vec!["websocket".to_string()],
+        Some(list) => {
+            let mut names = Vec::new();
+            for name in list.get_ref() {
+                let text = name.get_ref().trim();
+                if text.is_empty() || !text.bytes().all(is_token_byte) {
+                    v.error(
+                        name.span(),
+                        format!(
+                            "invalid upgrade protocol \"{text}\"; expected a protocol name such as \"websocket\""
+                        ),
+                    );
+                } else {
+                    names.push(text.to_ascii_lowercase());
+                }
+            }
+            names
+        }
+    };
+    let escaped_slashes = v.one_of(
+        &s.escaped_slashes,
+        "escaped_slashes",
+        &[
+            ("decode", EscapedSlashes::Decode),
+            ("reject", EscapedSlashes::Reject),
+        ],
+        EscapedSlashes::Decode,
+    );
     Server {
         listen,
         admin,
@@ -291,7 +320,14 @@ fn server(v: &mut Validator, raw: &S<RawServer>) -> Server {
                 10_000
             }
         },
+        upgrades,
+        escaped_slashes,
     }
+}
+
+/// A `tchar` of RFC 9110 §5.6.2: what an `Upgrade` protocol name is made of.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b)
 }
 
 fn store(v: &mut Validator, raw: Option<&S<RawStore>>) -> StoreSettings {
@@ -512,6 +548,20 @@ fn upstreams(
         }
         let connect_timeout = v.positive_duration(&u.connect_timeout, Duration::from_secs(2));
         let timeout = v.positive_duration(&u.timeout, Duration::from_secs(30));
+        let max_connections_per_target = match &u.max_connections_per_target {
+            None => 256,
+            Some(m) if (1..=65_536).contains(m.get_ref()) => *m.get_ref() as usize,
+            Some(m) => {
+                v.error(
+                    m.span(),
+                    format!(
+                        "invalid max_connections_per_target {}; expected 1 to 65536",
+                        m.get_ref()
+                    ),
+                );
+                256
+            }
+        };
         out.insert(
             name.clone(),
             Arc::new(Upstream::new(
@@ -520,6 +570,7 @@ fn upstreams(
                 targets,
                 connect_timeout,
                 timeout,
+                max_connections_per_target,
             )),
         );
     }
@@ -597,6 +648,7 @@ fn routes(
                     Vec::new(),
                     Duration::ZERO,
                     Duration::ZERO,
+                    1,
                 ))
             }
         };

@@ -110,3 +110,16 @@ pub async fn read_response<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<R
     }
     Ok(reply)
 }
+
+/// Sends `request` on a new connection and reads one response (10 s at most).
+pub async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> RawReply {
+    use tokio::io::AsyncWriteExt;
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(request).await?;
+        read_response(&mut s).await
+    })
+    .await
+    .expect("raw exchange within 10 s")
+    .expect("raw exchange succeeds")
+}
