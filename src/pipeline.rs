@@ -1,5 +1,9 @@
 //! The life of one request, in order: sanity checks → route → identity → limiter decision →
 //! reject (429 / 503) or forward → rate-limit headers → metrics and access log, recorded once.
+//!
+//! [`phases`] runs the steps and leaves by one [`Exit`] when a request cannot go on; [`respond`]
+//! maps each exit to its response in one `match`; [`handle`] adds the rate-limit headers and
+//! records metrics and the access log once, from the final response.
 
 use std::net::IpAddr;
 use std::time::Instant;
@@ -33,6 +37,19 @@ enum Verdict {
     StoreFailed(OnStoreError),
 }
 
+impl Verdict {
+    /// The decision as the metrics count it.
+    fn outcome(&self) -> Outcome {
+        match self {
+            Verdict::Unlimited => Outcome::Allowed,
+            Verdict::Admitted(items, d) if d.shadow_rejected(items) => Outcome::ShadowRejected,
+            Verdict::Admitted(..) => Outcome::Allowed,
+            Verdict::Rejected(..) => Outcome::Rejected,
+            Verdict::StoreFailed(_) => Outcome::StoreError,
+        }
+    }
+}
+
 /// Decrements the in-flight gauge however the request ends (also when the client goes away).
 struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
 
@@ -53,6 +70,30 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// Why a request ends before (or instead of) an upstream response: every way out of the
+/// pipeline, each mapped to its response in [`respond`].
+enum Exit {
+    /// A request head or target tollgate will not forward (400, 405, 501).
+    Malformed(framing::FramingError),
+    /// No route matches (404).
+    NoRoute,
+    /// `Content-Length` says the body is over `max_body` (413), before any budget is spent.
+    TooLarge(u64),
+    /// A limit rejected the request (429).
+    RateLimited { retry_after: u64 },
+    /// The store failed and the route fails closed (503).
+    StoreDown,
+    /// Forwarding failed (502, 504, 413, 408, or the client's own 400 for a bad body).
+    Upstream(ProxyError),
+}
+
+/// What one request came to, filled in as the phases run; recorded once at the end.
+#[derive(Default)]
+struct Trail<'r> {
+    route: Option<(usize, &'r Route)>,
+    verdict: Option<Verdict>,
+}
+
 /// Handles one request end to end. Never fails: every failure is a response by now.
 pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> Response<Body> {
     app.metrics.in_flight.inc();
@@ -60,127 +101,24 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
     let rt = app.runtime();
     let started = Instant::now();
     let mut access = Access::begin(&request, conn, rt.policy.server.access_log);
+    let mut trail = Trail::default();
 
-    let head = if conn.ambiguous.next_is_ambiguous() {
-        Err(framing::FramingError::Ambiguous)
-    } else {
-        framing::check(request.version(), request.headers())
+    let mut response = match phases(&rt, conn, request, &mut trail, &mut access).await {
+        Ok(response) => response,
+        Err(exit) => respond(exit, trail.route.map(|(_, r)| &*r.name)),
     };
-    if let Err(e) = head {
-        let status = e.status();
+
+    // Recorded once, from the final response.
+    let status = response.status().as_u16();
+    let Some((index, route)) = trail.route else {
         app.metrics
             .unrouted
-            .get_or_create(&[("status", status.as_str().into())])
+            .get_or_create(&[("status", response.status().as_str().into())])
             .inc();
-        access.finish(status.as_u16(), None, None);
-        return response::malformed(e);
-    }
-    let (mut parts, body) = request.into_parts();
-    if let Err(e) = framing::check_target(&parts, rt.policy.server.escaped_slashes) {
-        let status = e.status();
-        app.metrics
-            .unrouted
-            .get_or_create(&[("status", status.as_str().into())])
-            .inc();
-        access.finish(status.as_u16(), None, None);
-        return response::malformed(e);
-    }
-    // One host for routing and forwarding: a request target or :authority with a host wins
-    // over a Host header (RFC 9112 §3.2.2), so a route matched on one host cannot forward
-    // to another.
-    if let Some(authority) = parts.uri.authority()
-        && parts.headers.get(header::HOST).map(|h| h.as_bytes())
-            != Some(authority.as_str().as_bytes())
-        && let Ok(host) = HeaderValue::from_str(authority.as_str())
-    {
-        parts.headers.insert(header::HOST, host);
-    }
-    let found = rt.policy.route_for(&RequestView::new(&parts));
-    let Some((index, route)) = found else {
-        app.metrics
-            .unrouted
-            .get_or_create(&[("status", "404".into())])
-            .inc();
-        access.finish(404, None, None);
-        return response::no_route();
+        access.finish(status, None, None);
+        return response;
     };
-    let route_metrics = &rt.route_metrics[index];
-    access.route = Some(route.name.clone());
-    let max_body = rt.policy.server.max_body;
-
-    // A body that says up front it is too large is refused before it costs any budget.
-    if let (Some(max), Some(len)) = (max_body, content_length(&parts.headers))
-        && len > max
-    {
-        route_metrics.response(413);
-        access.finish(413, None, None);
-        return response::payload_too_large(max);
-    }
-
-    let client = identity::client_ip(
-        conn.peer.ip(),
-        &parts.headers,
-        &rt.policy.server.trusted_proxies,
-    );
-    access.client = Some(client);
-    let verdict = decide(&rt, route, &parts, client).await;
-    let (outcome, early) = match &verdict {
-        Verdict::Unlimited => (Some(Outcome::Allowed), None),
-        Verdict::Admitted(items, d) if d.shadow_rejected(items) => {
-            logging::shadow_rejected(&route.name, client);
-            (Some(Outcome::ShadowRejected), None)
-        }
-        Verdict::Admitted(..) => (Some(Outcome::Allowed), None),
-        Verdict::Rejected(items, d) => {
-            let retry = response::retry_after_secs(items, d);
-            logging::rejected(&route.name, client, retry);
-            (
-                Some(Outcome::Rejected),
-                Some(response::rate_limited(&route.name, retry)),
-            )
-        }
-        Verdict::StoreFailed(OnStoreError::Allow) => (Some(Outcome::StoreError), None),
-        Verdict::StoreFailed(OnStoreError::Deny) => (
-            Some(Outcome::StoreError),
-            Some(response::store_unavailable(&route.name)),
-        ),
-    };
-
-    let mut response = match early {
-        Some(r) => r,
-        None => {
-            let upstream_started = Instant::now();
-            let parts_version = parts.version;
-            let forwarded = forward(&rt, route, conn, parts, body).await;
-            let elapsed = upstream_started.elapsed();
-            route_metrics
-                .upstream_duration
-                .observe(elapsed.as_secs_f64());
-            access.upstream = Some(elapsed);
-            match forwarded {
-                Ok(r) => {
-                    if r.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                        // What follows on this connection is not HTTP/1 any more.
-                        conn.ambiguous.switched();
-                    }
-                    let pace = (parts_version != http::Version::HTTP_2)
-                        .then(|| conn.writes.clone())
-                        .flatten();
-                    r.map(|b| Either::Left(b.paced_by(pace)))
-                }
-                Err(ProxyError::BadRequestBody(e)) => {
-                    logging::bad_request_body(&route.name, &e);
-                    response::malformed(framing::FramingError::MalformedBody)
-                }
-                Err(e) => {
-                    logging::upstream_error(&route.name, &e);
-                    proxy_error(&e)
-                }
-            }
-        }
-    };
-
-    if let Verdict::Admitted(items, d) | Verdict::Rejected(items, d) = &verdict {
+    if let Some(Verdict::Admitted(items, d) | Verdict::Rejected(items, d)) = &trail.verdict {
         response::add_rate_limit_headers(
             response.headers_mut(),
             rt.policy.server.rate_limit_headers,
@@ -189,13 +127,145 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
             d,
         );
     }
+    let route_metrics = &rt.route_metrics[index];
+    let outcome = trail.verdict.as_ref().map(Verdict::outcome);
     if let Some(outcome) = outcome {
         route_metrics.decision(outcome);
     }
-    let status = response.status().as_u16();
     route_metrics.response(status);
-    access.finish(status, outcome, Some(started.elapsed()));
+    let total = trail.verdict.is_some().then(|| started.elapsed());
+    access.finish(status, outcome, total);
     response
+}
+
+/// The phases of one request, in order, up to the upstream's response; any phase may exit.
+async fn phases<'r>(
+    rt: &'r Runtime,
+    conn: &ConnInfo,
+    request: Request<Incoming>,
+    trail: &mut Trail<'r>,
+    access: &mut Access,
+) -> Result<Response<Body>, Exit> {
+    if conn.ambiguous.next_is_ambiguous() {
+        return Err(Exit::Malformed(framing::FramingError::Ambiguous));
+    }
+    framing::check(request.version(), request.headers()).map_err(Exit::Malformed)?;
+    let (mut parts, body) = request.into_parts();
+    framing::check_target(&parts, rt.policy.server.escaped_slashes).map_err(Exit::Malformed)?;
+    select_host(&mut parts);
+
+    let (index, route) = rt
+        .policy
+        .route_for(&RequestView::new(&parts))
+        .ok_or(Exit::NoRoute)?;
+    trail.route = Some((index, route));
+    access.route = Some(route.name.clone());
+
+    // A body that says up front it is too large is refused before it costs any budget.
+    let max_body = rt.policy.server.max_body;
+    if let (Some(max), Some(len)) = (max_body, content_length(&parts.headers))
+        && len > max
+    {
+        return Err(Exit::TooLarge(max));
+    }
+
+    let client = identity::client_ip(
+        conn.peer.ip(),
+        &parts.headers,
+        &rt.policy.server.trusted_proxies,
+    );
+    access.client = Some(client);
+    let verdict = decide(rt, route, &parts, client).await;
+    let stop = match &verdict {
+        Verdict::Unlimited | Verdict::StoreFailed(OnStoreError::Allow) => None,
+        Verdict::Admitted(items, d) => {
+            if d.shadow_rejected(items) {
+                logging::shadow_rejected(&route.name, client);
+            }
+            None
+        }
+        Verdict::Rejected(items, d) => {
+            let retry_after = response::retry_after_secs(items, d);
+            logging::rejected(&route.name, client, retry_after);
+            Some(Exit::RateLimited { retry_after })
+        }
+        Verdict::StoreFailed(OnStoreError::Deny) => Some(Exit::StoreDown),
+    };
+    trail.verdict = Some(verdict);
+    if let Some(exit) = stop {
+        return Err(exit);
+    }
+
+    let upstream_started = Instant::now();
+    let version = parts.version;
+    let forwarded = forward(rt, route, conn, parts, body).await;
+    let elapsed = upstream_started.elapsed();
+    rt.route_metrics[index]
+        .upstream_duration
+        .observe(elapsed.as_secs_f64());
+    access.upstream = Some(elapsed);
+    let response = forwarded.map_err(Exit::Upstream)?;
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        // What follows on this connection is not HTTP/1 any more.
+        conn.ambiguous.switched();
+    }
+    // An HTTP/1 client's socket paces the upstream body (HTTP/2 has its own flow control).
+    let pace = (version != http::Version::HTTP_2)
+        .then(|| conn.writes.clone())
+        .flatten();
+    Ok(response.map(|b| Either::Left(b.paced_by(pace))))
+}
+
+/// One host for routing and forwarding: a request target or `:authority` with a host wins
+/// over a Host header (RFC 9112 §3.2.2; [`framing::check_target`] has made sure they agree
+/// once normalised), so a route matched on one host cannot forward to another.
+fn select_host(parts: &mut Parts) {
+    if let Some(authority) = parts.uri.authority()
+        && parts.headers.get(header::HOST).map(|h| h.as_bytes())
+            != Some(authority.as_str().as_bytes())
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(header::HOST, host);
+    }
+}
+
+/// Every way out, mapped to its response in one place. Forwarding details (addresses, parser
+/// messages) go to the log, never into a body a client reads.
+fn respond(exit: Exit, route: Option<&str>) -> Response<Body> {
+    let route = route.unwrap_or("-");
+    match exit {
+        Exit::Malformed(e) => response::malformed(e),
+        Exit::NoRoute => response::no_route(),
+        Exit::TooLarge(max) => response::payload_too_large(max),
+        Exit::RateLimited { retry_after } => response::rate_limited(route, retry_after),
+        Exit::StoreDown => response::store_unavailable(route),
+        Exit::Upstream(e) => {
+            match &e {
+                ProxyError::BadRequestBody(message) => logging::bad_request_body(route, message),
+                ProxyError::Connect(_)
+                | ProxyError::Timeout(..)
+                | ProxyError::Upstream(..)
+                | ProxyError::BodyTooLarge(_)
+                | ProxyError::BodyIdle => logging::upstream_error(route, &e),
+            }
+            match e {
+                ProxyError::Connect(_) => {
+                    response::bad_gateway("The upstream could not be reached.")
+                }
+                ProxyError::Upstream(..) => {
+                    response::bad_gateway("The upstream failed or sent an invalid response.")
+                }
+                ProxyError::Timeout(..) => {
+                    response::gateway_timeout("The upstream did not send a response in time.")
+                }
+                ProxyError::BodyTooLarge(max) => response::payload_too_large(max),
+                ProxyError::BodyIdle => response::request_timeout(),
+                ProxyError::BadRequestBody(_) => {
+                    response::malformed(framing::FramingError::MalformedBody)
+                }
+            }
+        }
+    }
 }
 
 /// Asks the store, within its timeout.
@@ -270,21 +340,4 @@ async fn forward(
         },
     )
     .await
-}
-
-/// Every forwarding failure, mapped to its response in one place. The details (addresses,
-/// parser messages) go to the log, never into a body a client reads.
-fn proxy_error(e: &ProxyError) -> Response<Body> {
-    match e {
-        ProxyError::Connect(_) => response::bad_gateway("The upstream could not be reached."),
-        ProxyError::Upstream(..) => {
-            response::bad_gateway("The upstream failed or sent an invalid response.")
-        }
-        ProxyError::Timeout(..) => {
-            response::gateway_timeout("The upstream did not send a response in time.")
-        }
-        ProxyError::BodyTooLarge(max) => response::payload_too_large(*max),
-        ProxyError::BodyIdle => response::request_timeout(),
-        ProxyError::BadRequestBody(_) => response::malformed(framing::FramingError::MalformedBody),
-    }
 }
