@@ -2,7 +2,8 @@
 //!
 //! A request flows through these modules, in this order:
 //!
-//! - [`server`]: accepts connections (TLS, HTTP/1.1, HTTP/2, upgrades), drains on shutdown.
+//! - [`server`]: accepts connections (TLS, HTTP/1.1, HTTP/2, upgrades), drains on shutdown;
+//!   what it knows of each connection is a [`conn::ConnInfo`].
 //! - [`pipeline`]: the life of one request, phase by phase, in one function.
 //! - [`framing`]: head checks beyond hyper's (Host, Transfer-Encoding): no smuggling.
 //! - [`route`]: the first route whose `match` fits (on a normalised path).
@@ -12,7 +13,7 @@
 //!   ([`limiter::redis`], scripts in `lua/`).
 //! - [`response`]: 429 / 503 / 404 / 502 / 504 / 413 / 400 as problem+json, rate-limit headers.
 //! - [`proxy`]: forwarding — hop-by-hop headers, `X-Forwarded-*`, `Via`, streaming, upgrades —
-//!   over [`upstream`]'s keep-alive connection pools.
+//!   over [`upstream`]'s keep-alive connection pools, the request [`body`] streamed as it comes.
 //! - [`metrics`] and [`logging`]: recorded once per request at the end of the pipeline.
 //!
 //! Around them: [`config`] parses and validates proxy.toml into a typed [`policy::Policy`];
@@ -23,7 +24,9 @@
 
 pub mod admin;
 pub mod app;
+pub mod body;
 pub mod config;
+pub mod conn;
 pub mod framing;
 pub mod heap;
 pub mod identity;

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use http::{Method, Request, Uri};
 use tracing_subscriber::EnvFilter;
 
-use crate::limiter::StoreError;
+use crate::conn::ConnInfo;
 use crate::metrics::Outcome;
-use crate::proxy::{ConnInfo, ProxyError};
+use crate::proxy::ProxyError;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -106,7 +106,7 @@ pub fn shadow_rejected(route: &str, client: IpAddr) {
     }
 }
 
-pub fn store_error(route: &str, error: &StoreError) {
+pub fn store_error(route: &str, error: &dyn std::fmt::Display) {
     if let Some(suppressed) = STORE.allow() {
         tracing::warn!(route, %error, suppressed, "rate-limit store failed; applying on_store_error");
     }

@@ -243,8 +243,8 @@ impl Metrics {
     }
 
     /// The handles the limiter records into, for a store `backend`.
-    pub fn limiter(&self, backend: &str) -> crate::limiter::LimiterMetrics {
-        crate::limiter::LimiterMetrics {
+    pub fn limiter(&self, backend: &str) -> LimiterMetrics {
+        LimiterMetrics {
             store_duration: self.store_histogram(backend),
             local_denials: self.local_denials.clone(),
             leased: self.leased.clone(),
@@ -329,6 +329,24 @@ fn move_le_last(line: &str) -> std::borrow::Cow<'_, str> {
 /// Seconds as the histograms want them.
 pub fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
+}
+
+/// The metric handles the limiter records into.
+#[derive(Clone)]
+pub struct LimiterMetrics {
+    /// Requests rejected from the local over-limit cache, without a store call.
+    pub local_denials: prometheus_client::metrics::counter::Counter,
+    /// Requests admitted from a lease (approximate mode), without a store call.
+    pub leased: prometheus_client::metrics::counter::Counter,
+    /// Duration of calls that reached the store (not local cache or lease answers).
+    pub store_duration: prometheus_client::metrics::histogram::Histogram,
+    /// Store circuit breakers open (one for a single server, one per 1/64 of a cluster's slots).
+    pub circuit_open: prometheus_client::metrics::gauge::Gauge,
+    /// Failed decisions by kind.
+    pub errors: prometheus_client::metrics::family::Family<
+        [(&'static str, String); 1],
+        prometheus_client::metrics::counter::Counter,
+    >,
 }
 
 #[cfg(test)]

@@ -14,13 +14,15 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 
 use crate::app::{App, Runtime};
+use crate::body::RequestBody;
+use crate::conn::ConnInfo;
 use crate::framing;
 use crate::identity::{self, Subject};
 use crate::limiter::{self, Decision, Item};
 use crate::logging::{self, Access};
 use crate::metrics::Outcome;
 use crate::policy::{OnStoreError, Route};
-use crate::proxy::{self, ConnInfo, ProxyError, RequestBody};
+use crate::proxy::{self, ProxyError};
 use crate::response::{self, Body};
 use crate::route::RequestView;
 use crate::upstream::PooledBody;

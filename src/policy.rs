@@ -113,6 +113,20 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// A Redis URL with any password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
 /// Where Redis is: one server, or the seed nodes of a Redis Cluster. URLs may carry
 /// credentials, so they are secrets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -313,4 +327,19 @@ pub struct Limit {
     /// `q` and `w` of RateLimit-Policy.
     pub quota: u64,
     pub window_secs: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("redis://u:secret@h:6379/0"),
+            "redis://u:***@h:6379/0"
+        );
+        assert_eq!(redact("rediss://:secret@h"), "rediss://:***@h");
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+    }
 }

@@ -1,26 +1,21 @@
 //! Forwarding to the upstream: hop-by-hop headers stripped both ways (including those named in
-//! `Connection`), `X-Forwarded-*` and `Via` set, `Host` passed through, bodies streamed (with
-//! `max_body` enforced as they stream), upgrades (WebSocket) spliced, and upstream failures
-//! turned into [`ProxyError`]s that the pipeline maps to 502/504/413/408. Connections come
-//! from [`crate::upstream`].
+//! `Connection`), `X-Forwarded-*` and `Via` set, `Host` passed through, only allowed upgrades
+//! kept and spliced, and upstream failures turned into [`ProxyError`]s that the pipeline maps
+//! to 502/504/413/408/400. Connections come from [`crate::upstream`], the streamed request body
+//! from [`crate::body`].
 
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
-use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use crate::body::{BodyFault, BodyWatch, RequestBody, error_chain};
+use crate::conn::{ConnInfo, Cut};
 use crate::policy::Upstream;
-use crate::timeouts::{Activity, StallTimer, Tracked};
+use crate::timeouts::{Activity, Tracked};
 use crate::upstream::{PooledBody, TargetPool, UpstreamError};
 
 /// Why a request could not be forwarded.
@@ -39,53 +34,6 @@ pub enum ProxyError {
     /// The client's body does not parse (bad chunk framing): the client's fault.
     #[error("malformed request body: {0}")]
     BadRequestBody(String),
-}
-
-/// Facts about the client connection a request arrived on.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    /// `http` or `https`.
-    pub scheme: Scheme,
-    /// The peer's address as an `X-Forwarded-For` entry, formatted once per connection.
-    pub peer_entry: HeaderValue,
-    /// Request heads of this connection that carried both framing headers.
-    pub ambiguous: Arc<crate::framing::AmbiguousHeads>,
-    /// Ends the tasks this connection starts (upgraded tunnels) when shutdown cuts it.
-    pub cut: crate::server::Cut,
-    /// Whether the client's socket is full (HTTP/1: upstream bodies wait for it).
-    pub writes: Option<Arc<crate::timeouts::ClientWrites>>,
-}
-
-impl ConnInfo {
-    pub fn new(
-        peer: SocketAddr,
-        scheme: Scheme,
-        ambiguous: Arc<crate::framing::AmbiguousHeads>,
-    ) -> ConnInfo {
-        let peer_entry = HeaderValue::from_str(&peer.ip().to_canonical().to_string())
-            .expect("an IP address is a valid header value");
-        ConnInfo {
-            peer,
-            scheme,
-            peer_entry,
-            ambiguous,
-            cut: crate::server::Cut::never(),
-            writes: None,
-        }
-    }
-
-    /// The client socket's fullness, reported by its writer.
-    pub fn with_writes(mut self, writes: Arc<crate::timeouts::ClientWrites>) -> ConnInfo {
-        self.writes = Some(writes);
-        self
-    }
-
-    /// The shutdown cut of the listener this connection came from.
-    pub fn with_cut(mut self, cut: crate::server::Cut) -> ConnInfo {
-        self.cut = cut;
-        self
-    }
 }
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -267,151 +215,12 @@ pub fn set_forwarding_headers(
     append_via(headers, version);
 }
 
-/// What happened to a request body on its way to the upstream, shared between the body (which
-/// sees it), the forwarder (which turns a fault into a response) and the upstream pool (which
-/// reuses a connection only once its request was written whole).
-#[derive(Clone, Default)]
-pub struct BodyWatch(Arc<WatchState>);
-
-#[derive(Default)]
-struct WatchState {
-    /// 0: no fault, else one of the `BODY_*` codes.
-    fault: AtomicU8,
-    /// The body was read to its end (so the upstream request was written whole).
-    finished: AtomicBool,
-    /// The parser's message for a malformed body, for the log.
-    message: std::sync::OnceLock<String>,
-}
-
-const BODY_TOO_LARGE: u8 = 1;
-const BODY_IDLE: u8 = 2;
-const BODY_MALFORMED: u8 = 3;
-
-impl BodyWatch {
-    fn set(&self, fault: u8) {
-        self.0.fault.store(fault, Ordering::Relaxed);
-    }
-
-    fn finish(&self) {
-        self.0.finished.store(true, Ordering::Release);
-    }
-
-    /// Whether the whole body went out: only then may its connection carry another request.
-    pub fn finished(&self) -> bool {
-        self.0.finished.load(Ordering::Acquire)
-    }
-
-    /// The fault as a forwarding error, if there was one.
-    fn fault(&self, max_body: u64) -> Option<ProxyError> {
-        match self.0.fault.load(Ordering::Relaxed) {
-            BODY_TOO_LARGE => Some(ProxyError::BodyTooLarge(max_body)),
-            BODY_IDLE => Some(ProxyError::BodyIdle),
-            BODY_MALFORMED => Some(ProxyError::BadRequestBody(
-                self.0.message.get().cloned().unwrap_or_default(),
-            )),
-            _ => None,
-        }
-    }
-}
-
-/// The request body as forwarded: the client's body, failing once it passes `max_body` or
-/// sends nothing for the body idle timeout (counted only while the upstream is asking for it).
-pub struct RequestBody {
-    inner: Incoming,
-    remaining: Option<u64>,
-    max: u64,
-    idle: StallTimer,
-    watch: BodyWatch,
-}
-
-/// A request body passed `max_body` while streaming.
-#[derive(Debug, thiserror::Error)]
-#[error("request body larger than {0} bytes")]
-pub struct TooLarge(pub u64);
-
-/// A request body stopped arriving.
-#[derive(Debug, thiserror::Error)]
-#[error("request body idle for longer than the body idle timeout")]
-pub struct BodyIdle;
-
-impl RequestBody {
-    /// What the pool watches: whether this body was sent whole.
-    pub fn watch(&self) -> &BodyWatch {
-        &self.watch
-    }
-
-    pub fn new(
-        inner: Incoming,
-        max_body: Option<u64>,
-        idle_timeout: Duration,
-    ) -> (RequestBody, BodyWatch) {
-        let watch = BodyWatch::default();
-        if inner.is_end_stream() {
-            watch.finish();
-        }
-        (
-            RequestBody {
-                inner,
-                remaining: max_body,
-                max: max_body.unwrap_or(u64::MAX),
-                idle: StallTimer::new(idle_timeout),
-                watch: watch.clone(),
-            },
-            watch,
-        )
-    }
-}
-
-impl HttpBody for RequestBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                this.idle.progress();
-                if let (Some(remaining), Some(data)) = (this.remaining.as_mut(), frame.data_ref()) {
-                    let n = data.len() as u64;
-                    if n > *remaining {
-                        this.watch.set(BODY_TOO_LARGE);
-                        return Poll::Ready(Some(Err(Box::new(TooLarge(this.max)))));
-                    }
-                    *remaining -= n;
-                }
-                if this.inner.is_end_stream() {
-                    this.watch.finish();
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                // hyper's server read this body from the client: bad chunk framing or a
-                // connection cut mid-body is the client's doing, never the upstream's.
-                let _ = this.watch.0.message.set(error_chain(&e));
-                this.watch.set(BODY_MALFORMED);
-                Poll::Ready(Some(Err(Box::new(e))))
-            }
-            Poll::Ready(None) => {
-                this.watch.finish();
-                Poll::Ready(None)
-            }
-            Poll::Pending if this.idle.poll_expired(cx) => {
-                this.watch.set(BODY_IDLE);
-                Poll::Ready(Some(Err(Box::new(BodyIdle))))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+/// A request body's fault as a forwarding error.
+fn body_error(fault: BodyFault, max_body: Option<u64>) -> ProxyError {
+    match fault {
+        BodyFault::TooLarge => ProxyError::BodyTooLarge(max_body.unwrap_or(0)),
+        BodyFault::Idle => ProxyError::BodyIdle,
+        BodyFault::Malformed(message) => ProxyError::BadRequestBody(message),
     }
 }
 
@@ -420,7 +229,7 @@ impl HttpBody for RequestBody {
 #[derive(Clone, Copy)]
 pub struct Tunnel<'a> {
     pub idle: Duration,
-    pub cut: &'a crate::server::Cut,
+    pub cut: &'a Cut,
 }
 
 /// Sends `request` (whose headers the caller has prepared) to target `target` of `upstream`
@@ -464,8 +273,8 @@ pub async fn forward(
             return Err(ProxyError::Timeout(authority.to_string(), upstream.timeout));
         }
         Ok(Err(e)) => {
-            if let Some(fault) = watch.fault(max_body.unwrap_or(0)) {
-                return Err(fault);
+            if let Some(fault) = watch.fault() {
+                return Err(body_error(fault, max_body));
             }
             return Err(match e {
                 UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_) => {
@@ -478,8 +287,8 @@ pub async fn forward(
         }
         Ok(Ok(r)) => r,
     };
-    if let Some(fault) = watch.fault(max_body.unwrap_or(0)) {
-        return Err(fault);
+    if let Some(fault) = watch.fault() {
+        return Err(body_error(fault, max_body));
     }
     if let Err(e) = crate::framing::check_response(response.headers()) {
         return Err(ProxyError::Upstream(authority.to_string(), e.to_string()));
@@ -526,17 +335,6 @@ async fn splice(
             tracing::debug!(?idle, "upgraded connection idle: closed");
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -22,45 +22,14 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::app::App;
+use crate::conn::{ConnInfo, Cut};
 use crate::pipeline;
-use crate::proxy::ConnInfo;
 
 /// How long a TLS client may take to finish its handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The pause after a failed accept (EMFILE, ECONNABORTED): transient errors, not worth a spin.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
-/// The signal that cuts every task of the listener once the shutdown grace is over: connection
-/// tasks, HTTP/2 stream tasks and upgraded tunnels all run under it, so [`serve`] (and the
-/// library's `run`) really ends them, whatever runtime it runs on.
-#[derive(Clone, Debug)]
-pub struct Cut(Option<tokio::sync::watch::Receiver<bool>>);
-
-impl Cut {
-    /// A signal that never fires (a connection made outside a listener).
-    pub fn never() -> Cut {
-        Cut(None)
-    }
-
-    /// Runs `fut` until it ends or the cut comes.
-    pub fn spawn<F>(&self, fut: F)
-    where
-        F: Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        let Some(mut cut) = self.0.clone() else {
-            tokio::spawn(fut);
-            return;
-        };
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = fut => {}
-                _ = cut.wait_for(|c| *c) => {}
-            }
-        });
-    }
-}
 
 /// hyper's HTTP/2 server spawns a task per stream: under the cut like the rest.
 #[derive(Clone)]
@@ -117,7 +86,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
     // finishes its open streams.
     let (draining, drain) = tokio::sync::watch::channel(false);
     let (cutting, cut) = tokio::sync::watch::channel(false);
-    let cut = Cut(Some(cut));
+    let cut = Cut::on(cut);
     let counted = capacity.clone();
     let mut trim_stop = drain.clone();
     let trimmer = Arc::new(crate::heap::Trimmer::new());

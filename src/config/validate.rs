@@ -410,7 +410,7 @@ fn redis_url(v: &mut Validator, span: Range<usize>, text: &str) -> Secret {
         );
     } else if let Err(e) = redis::IntoConnectionInfo::into_connection_info(text) {
         // The message may quote the URL: never repeat a password.
-        let message = e.to_string().replace(text, &crate::report::redact(text));
+        let message = e.to_string().replace(text, &crate::policy::redact(text));
         v.error(span, format!("invalid Redis url: {message}"));
     }
     Secret(text.to_string())

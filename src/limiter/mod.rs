@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::identity::{self, Subject, Tag};
+pub use crate::metrics::LimiterMetrics;
 use crate::policy::{Mode, Route, StoreSettings};
 use algorithm::{Algorithm, Micros, Outcome};
 
@@ -172,24 +173,6 @@ impl Store {
             Store::Redis(r) => r.breakers.iter().filter(|b| b.is_open()).count(),
         }
     }
-}
-
-/// The metric handles the limiter records into.
-#[derive(Clone)]
-pub struct LimiterMetrics {
-    /// Requests rejected from the local over-limit cache, without a store call.
-    pub local_denials: prometheus_client::metrics::counter::Counter,
-    /// Requests admitted from a lease (approximate mode), without a store call.
-    pub leased: prometheus_client::metrics::counter::Counter,
-    /// Duration of calls that reached the store (not local cache or lease answers).
-    pub store_duration: prometheus_client::metrics::histogram::Histogram,
-    /// Store circuit breakers open (one for a single server, one per 1/64 of a cluster's slots).
-    pub circuit_open: prometheus_client::metrics::gauge::Gauge,
-    /// Failed decisions by kind.
-    pub errors: prometheus_client::metrics::family::Family<
-        [(&'static str, String); 1],
-        prometheus_client::metrics::counter::Counter,
-    >,
 }
 
 /// The store, the budget of one decision, the circuit breaker in front of the store and the
