@@ -22,6 +22,9 @@
 //! [`tls`] builds the rustls acceptor; [`timeouts`] holds the stall timers hyper lacks; [`report`] renders `check`'s summary;
 //! [`heap`] gives freed memory back to the system after bursts of connections.
 
+// No unsafe code, but for the one FFI call that returns freed memory (heap::trim).
+#![deny(unsafe_code)]
+
 pub mod admin;
 pub mod app;
 pub mod body;

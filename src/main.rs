@@ -1,4 +1,6 @@
-//! The `tollgate` command: `run` (the default) and `check`. A thin layer over the library.
+//! The `tollgate` command: `run` (the default), `check`, `explain` and `healthcheck`. A thin
+//! layer over the library.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -1,7 +1,8 @@
-//! The client-facing listener: accept loop, TLS handshake, HTTP/1.1 and HTTP/2 (hyper-util's
-//! auto builder; h2c by prior knowledge on plain listeners, ALPN over TLS), upgrades, timeouts,
-//! and graceful shutdown: stop accepting, let in-flight requests finish up to the grace period,
-//! then cut what remains.
+//! The client-facing listener: accept loop (bounded by `max_connections`, backing off on
+//! errors), TLS handshake, HTTP/1.1 and HTTP/2 with hyper's own builders (the protocol sniffed
+//! from the first bytes on plain listeners, h2c by prior knowledge; ALPN over TLS), upgrades,
+//! timeouts, and graceful shutdown: stop accepting, let in-flight requests finish up to the
+//! grace period, then cut what remains (every task runs under the listener's [`Cut`]).
 
 use std::convert::Infallible;
 use std::future::Future;
