@@ -831,8 +831,15 @@ fn a_reload_that_slows_a_limit_down_past_its_old_ttl() {
         refill: 1,
         unit: 10_000_000,
     };
-    {
-        let (from, to) = (fast, slow);
+    let fast_gcra = Algorithm::Gcra {
+        burst: 4,
+        interval: 10 * MS,
+    };
+    let slow_gcra = Algorithm::Gcra {
+        burst: 4,
+        interval: 10 * SEC,
+    };
+    for (from, to) in [(fast, slow), (fast_gcra, slow_gcra)] {
         let requests = [
             (t, vec![item(from, 3)]),
             // 1 left; 10 ms later (under the old rate, as the state was written) 2, carried over.
@@ -876,37 +883,49 @@ fn a_reload_that_slows_a_limit_down_past_its_old_ttl() {
     }
 }
 
-/// A token bucket key written by an older tollgate holds "<level>:<time>" without the
-/// parameters: it is read as written under the limit's own (what that tollgate meant).
+/// Keys written by an older tollgate hold a token bucket as "<level>:<time>" and a GCRA as
+/// "<TAT>", without the parameters: they are read as written under the limit's own (what that
+/// tollgate meant).
 #[test]
-fn token_bucket_state_of_an_older_tollgate() {
+fn states_of_an_older_tollgate() {
     let backends = Backends::start();
     let t = start_time(SEC);
-    // 10/s, burst 50: a token is 100_000 units; 21 tokens left at t.
+    // 10/s, burst 50: a token is 100_000 units, a cell 100_000 µs; 21 left at t either way.
     let bucket = Algorithm::TokenBucket {
         burst: 50,
         refill: 1,
         unit: 100_000,
     };
-    let request = item(bucket, 1);
-    let key = tollgate::limiter::redis::key_name("model", request.id, &request.tag);
-    {
-        let mut conn = backends.flush.lock().unwrap_or_else(|e| e.into_inner());
-        redis::cmd("FLUSHALL").query::<()>(&mut conn).unwrap();
-        redis::cmd("SET")
-            .arg(&key)
-            .arg(format!("{}:{t}", 21 * 100_000))
-            .arg("PX")
-            .arg(60_000)
-            .query::<()>(&mut conn)
+    let gcra = Algorithm::Gcra {
+        burst: 50,
+        interval: 100_000,
+    };
+    let cases = [
+        (bucket, format!("{}:{t}", 21 * 100_000)),
+        (gcra, format!("{}", t + 29 * 100_000)),
+    ];
+    for (alg, old_state) in cases {
+        let request = item(alg, 1);
+        let key = tollgate::limiter::redis::key_name("model", request.id, &request.tag);
+        {
+            let mut conn = backends.flush.lock().unwrap_or_else(|e| e.into_inner());
+            redis::cmd("FLUSHALL").query::<()>(&mut conn).unwrap();
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(old_state)
+                .arg("PX")
+                .arg(60_000)
+                .query::<()>(&mut conn)
+                .unwrap();
+        }
+        // 100 ms later: one more token (cell), one taken.
+        let decision = backends
+            .runtime
+            .block_on(backends.redis_store.decide(&[request], Some(t + 100 * MS)))
             .unwrap();
+        assert!(decision.admitted, "{alg:?}");
+        assert_eq!(decision.outcomes[0].remaining, 21, "{alg:?}");
     }
-    let decision = backends
-        .runtime
-        .block_on(backends.redis_store.decide(&[request], Some(t + 100 * MS)))
-        .unwrap();
-    assert!(decision.admitted);
-    assert_eq!(decision.outcomes[0].remaining, 21);
 }
 
 /// Clock steps back when only admitted requests came before: every store keeps counting from the

@@ -243,13 +243,13 @@ async fn counters_survive_a_reload_that_keeps_the_limit() {
     assert_eq!(reply.header("x-ratelimit-remaining"), Some("0"));
 }
 
-/// A route with one token bucket per IP, `rate` with burst 50, on `store`.
-fn bucket_config(upstream: &Upstream, store: &str, rate: &str) -> String {
+/// A route with one `algorithm` limit per IP, `rate` with burst 50, on `store`.
+fn bucket_config(upstream: &Upstream, store: &str, algorithm: &str, rate: &str) -> String {
     config(
         upstream,
         store,
         &format!(
-            "[[routes]]\nname = \"api\"\nupstream = \"api\"\nlimits = [{{ by = \"ip\", algorithm = \"token_bucket\", rate = \"{rate}\", burst = 50 }}]\n"
+            "[[routes]]\nname = \"api\"\nupstream = \"api\"\nlimits = [{{ by = \"ip\", algorithm = \"{algorithm}\", rate = \"{rate}\", burst = 50 }}]\n"
         ),
     )
 }
@@ -266,17 +266,22 @@ fn remaining(reply: &Reply) -> u64 {
 
 /// Issue 9: a client with 21 tokens left under one N had 49 (a full burst) after a reload to a
 /// higher N, and 2 after a reload to a lower one: the level was kept but counted in a unit that
-/// depends on N. The tokens now carry over. (Rates per minute, so that the seconds a test takes
-/// refill no whole token: 21 stays 21.)
+/// depends on N. The tokens now carry over; GCRA's cells too (its TAT alone gave 7 and 28).
+/// (Rates per minute, so that the seconds a test takes refill no whole token: 21 stays 21.)
 #[tokio::test]
 async fn a_reload_that_changes_n_keeps_each_clients_tokens() {
     let upstream = Upstream::start().await;
     let redis = Redis::start();
-    for store in [memory_store(), redis_store(&redis)] {
-        for (from, to) in [("7/min", "10/min"), ("10/min", "7/min")] {
+    let stores = [memory_store(), redis_store(&redis)];
+    let rates = [("7/min", "10/min"), ("10/min", "7/min")];
+    for store in &stores {
+        for (algorithm, (from, to)) in ["token_bucket", "gcra"]
+            .into_iter()
+            .flat_map(|a| rates.map(|r| (a, r)))
+        {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("proxy.toml");
-            std::fs::write(&path, bucket_config(&upstream, &store, from)).unwrap();
+            std::fs::write(&path, bucket_config(&upstream, store, algorithm, from)).unwrap();
             let policy = tollgate::config::load(&path).unwrap();
             let tg = tollgate::start(policy, Some(path.clone()), std::future::pending())
                 .await
@@ -291,17 +296,17 @@ async fn a_reload_that_changes_n_keeps_each_clients_tokens() {
             for _ in 0..29 {
                 left = remaining(&http.get(&url, &[]).await);
             }
-            assert_eq!(left, 21, "{from} on {store}");
+            assert_eq!(left, 21, "{algorithm} {from} on {store}");
 
             // In place, as an editor writes it; then what SIGHUP does.
-            std::fs::write(&path, bucket_config(&upstream, &store, to)).unwrap();
+            std::fs::write(&path, bucket_config(&upstream, store, algorithm, to)).unwrap();
             tg.app.reload(None).expect("the new config is valid");
             let reply = http.get(&url, &[]).await;
             assert_eq!(reply.status, 200);
             assert_eq!(
                 remaining(&reply),
                 20,
-                "{from} -> {to} on {store}: 21 tokens were left before the reload"
+                "{algorithm} {from} -> {to} on {store}: 21 were left before the reload"
             );
             tg.stop().await;
         }

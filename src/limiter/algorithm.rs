@@ -59,8 +59,9 @@ pub enum State {
         refill: u64,
         unit: u64,
     },
-    /// GCRA: the theoretical arrival time of the next cell.
-    Tat(Micros),
+    /// GCRA: the theoretical arrival time of the next cell, with the emission interval of the
+    /// limit that wrote it (a reload that changes N changes the interval).
+    Tat { tat: Micros, interval: Micros },
 }
 
 /// What a limit says about one request.
@@ -79,9 +80,10 @@ fn div_ceil(a: u64, b: u64) -> u64 {
     a.div_ceil(b)
 }
 
-/// `ceil(a * b / c)` evaluated exactly as Lua does it: in IEEE doubles, left to right. Used only
-/// by the sliding-window approximation, where the product may pass 2^53; doing it the same way on
-/// both sides keeps the memory store and the scripts in agreement to the bit.
+/// `ceil(a * b / c)` evaluated exactly as Lua does it: in IEEE doubles, left to right. Used where
+/// the product may pass 2^53 (the sliding-window approximation, and carrying a GCRA's TAT over to
+/// another interval); doing it the same way on both sides keeps the memory store and the scripts
+/// in agreement to the bit.
 fn lua_mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
     (a as f64 * b as f64 / c as f64).ceil() as u64
 }
@@ -126,7 +128,7 @@ impl Algorithm {
                 refill,
                 unit,
             },
-            Algorithm::Gcra { .. } => State::Tat(now),
+            Algorithm::Gcra { interval, .. } => State::Tat { tat: now, interval },
         }
     }
 
@@ -139,7 +141,7 @@ impl Algorithm {
                 | (Algorithm::SlidingWindow { .. }, State::TwoWindows { .. })
                 | (Algorithm::SlidingLog { .. }, State::Log(_))
                 | (Algorithm::TokenBucket { .. }, State::Bucket { .. })
-                | (Algorithm::Gcra { .. }, State::Tat(_))
+                | (Algorithm::Gcra { .. }, State::Tat { .. })
         )
     }
 
@@ -331,8 +333,22 @@ impl Algorithm {
                     }
                 }
             }
-            (Algorithm::Gcra { burst, interval }, State::Tat(tat)) => {
+            (
+                Algorithm::Gcra { burst, interval },
+                State::Tat {
+                    tat,
+                    interval: was_interval,
+                },
+            ) => {
                 let tolerance = burst * interval;
+                if *was_interval != interval && *tat > now {
+                    // Written under another N. The TAT moved at the old rate until now; what it
+                    // still holds is a number of cells used, which carries over (rounded up, in
+                    // doubles as Lua computes it), at most a whole burst.
+                    let used = lua_mul_div_ceil(*tat - now, interval, *was_interval);
+                    *tat = now + used.min(tolerance);
+                }
+                *was_interval = interval;
                 let start = (*tat).max(now);
                 let next = start + cost * interval;
                 if next - now <= tolerance {
@@ -377,7 +393,7 @@ impl Algorithm {
             (Algorithm::TokenBucket { unit, .. }, State::Bucket { level, .. }) => {
                 *level -= cost * unit;
             }
-            (Algorithm::Gcra { interval, .. }, State::Tat(tat)) => {
+            (Algorithm::Gcra { interval, .. }, State::Tat { tat, .. }) => {
                 *tat = (*tat).max(now) + cost * interval;
             }
             _ => unreachable!("commit follows a check of the same algorithm"),
@@ -408,7 +424,7 @@ impl Algorithm {
                 let full_at = last + div_ceil((burst * unit).saturating_sub(*level), refill);
                 full_at.saturating_sub(now)
             }
-            (Algorithm::Gcra { .. }, State::Tat(tat)) => tat.saturating_sub(now),
+            (Algorithm::Gcra { .. }, State::Tat { tat, .. }) => tat.saturating_sub(now),
             _ => 0,
         }
     }
@@ -694,7 +710,7 @@ mod tests {
     };
 
     /// A bucket with 21 tokens left under `from`, then requests of one token under `to` (a
-    /// reload changed N) at `T0` and one second later: the tokens left each time.
+    /// reload changed N) at `T0` and one second later: the tokens left each time. (GCRA too.)
     fn remaining_across_a_reload(from: Algorithm, to: Algorithm) -> (u64, u64) {
         let mut s = from.fresh(T0);
         assert_eq!(hit(&from, &mut s, T0, 29).remaining, 21);
@@ -712,6 +728,34 @@ mod tests {
         assert_eq!(remaining_across_a_reload(SEVEN_PER_S, TEN_PER_S), (20, 27));
         // 21 + 10 - 1.
         assert_eq!(remaining_across_a_reload(TEN_PER_S, SEVEN_PER_S), (20, 30));
+    }
+
+    #[test]
+    fn gcra_keeps_what_a_client_used_when_a_reload_changes_n() {
+        // 7/s and 10/s with burst 50: intervals 142_857 µs and 100_000 µs.
+        let seven = Algorithm::Gcra {
+            burst: 50,
+            interval: 142_857,
+        };
+        let ten = Algorithm::Gcra {
+            burst: 50,
+            interval: 100_000,
+        };
+        // 29 cells used, 21 left, as for the token bucket: 20 after one more, and a second
+        // later (the TAT moves at the old rate until the new config reads it) 21 + 7 - 1 and
+        // 21 + 10 - 1.
+        assert_eq!(remaining_across_a_reload(seven, ten), (20, 27));
+        assert_eq!(remaining_across_a_reload(ten, seven), (20, 30));
+        // Drained at 10/s, then 1/s: still drained (the TAT alone said 45 cells were free).
+        let one = Algorithm::Gcra {
+            burst: 50,
+            interval: SEC,
+        };
+        let mut s = ten.fresh(T0);
+        assert_eq!(hit(&ten, &mut s, T0, 50).remaining, 0);
+        let denied = hit(&one, &mut s, T0, 1);
+        assert!(!denied.allowed);
+        assert_eq!(denied.retry_after, SEC);
     }
 
     #[test]
