@@ -9,6 +9,7 @@
 //! - [`Http`]: a small keep-alive client.
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod raw;
 
 use std::collections::BTreeMap;
