@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian/Ubuntu machine: installs what the tests need when it
-# is missing (redis-server and redis-cli, openssl for test certificates, faketime for the
-# clock-skew test; nginx and hypercorn as real origins for the evasion tests; the tests start
-# their own servers on free loopback ports and never use a system service), then runs every
-# test target.
+# is missing (redis-server and redis-cli, faketime for the clock-skew test; nginx and hypercorn
+# as real origins for the evasion tests; test certificates are made in process with rcgen; the
+# tests start their own servers on free loopback ports and never use a system service), then
+# runs every test target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
-command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v faketime >/dev/null 2>&1 || need+=(faketime)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
 if [ ${#need[@]} -gt 0 ]; then

@@ -16,7 +16,8 @@
 //!
 //! Property tests: random sequences of requests (a few identities, a few sets of limits, costs,
 //! time steps from 0 µs to whole windows) for every algorithm with small quotas, and requests that
-//! mix algorithms and shadow limits. Times start near the wall clock and only move forward, so the
+//! mix algorithms and shadow limits; between requests, reloads that give a limit a new N, burst
+//! or mode while keeping its counters (its id: the same algorithm and window). Times start near the wall clock and only move forward, so the
 //! memory store's sweeper (which never expires past the newest `now` it saw) cannot overtake them.
 //! Deterministic tests pin the tricky spots: sliding_log requests in the same microsecond with a
 //! cost above one (and whether their `retry_after` and `reset` hold), a clock that steps back, a
@@ -305,6 +306,61 @@ struct Limit {
     shadow: bool,
 }
 
+/// New parameters for a limit, as a reload that keeps its counters may give it: the same
+/// algorithm and window (they make the limit's id), any count, burst and mode. A token bucket's
+/// or a GCRA's period is not part of what the stores see, so any refill, unit or interval does.
+#[derive(Debug, Clone, Copy)]
+struct Reload {
+    /// The new N (windows) or burst (token_bucket, gcra).
+    quota: u64,
+    /// token_bucket: the new rate is `count` per `period`.
+    count: u64,
+    period: Micros,
+    /// gcra: the new emission interval.
+    interval: Micros,
+    shadow: bool,
+}
+
+impl Reload {
+    fn apply(&self, limit: Limit) -> Limit {
+        let quota = self.quota;
+        let algorithm = match limit.algorithm {
+            Algorithm::FixedWindow { window, .. } => Algorithm::FixedWindow { quota, window },
+            Algorithm::SlidingWindow { window, .. } => Algorithm::SlidingWindow { quota, window },
+            Algorithm::SlidingLog { window, .. } => Algorithm::SlidingLog {
+                quota: quota.min(window),
+                window,
+            },
+            Algorithm::TokenBucket { .. } => {
+                let g = gcd(self.count, self.period);
+                Algorithm::TokenBucket {
+                    burst: quota,
+                    refill: self.count / g,
+                    unit: self.period / g,
+                }
+            }
+            Algorithm::Gcra { .. } => Algorithm::Gcra {
+                burst: quota,
+                interval: self.interval,
+            },
+        };
+        Limit {
+            algorithm,
+            shadow: self.shadow,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Request(Step),
+    /// A reload changes limit `limit`; later requests face the new parameters.
+    Reload {
+        limit: usize,
+        to: Reload,
+    },
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Step {
     /// µs since the previous request (the first: since the case's start).
@@ -325,15 +381,15 @@ struct Case {
     limits: Vec<Limit>,
     /// The sets of limits a request can face (like routes): indices into `limits`, distinct.
     sets: Vec<Vec<usize>>,
-    steps: Vec<Step>,
+    steps: Vec<Action>,
 }
 
 impl Case {
-    fn items(&self, step: &Step) -> Vec<Item> {
+    fn items(&self, limits: &[Limit], step: &Step) -> Vec<Item> {
         self.sets[step.set]
             .iter()
             .map(|&i| {
-                let limit = self.limits[i];
+                let limit = limits[i];
                 Item {
                     algorithm: limit.algorithm,
                     cost: step.cost.min(limit.algorithm.quota()),
@@ -351,9 +407,17 @@ impl Case {
         let start = base + self.offset;
         backends.runtime.block_on(async {
             let mut now = start;
-            for (n, step) in self.steps.iter().enumerate() {
+            let mut limits = self.limits.clone();
+            for (n, action) in self.steps.iter().enumerate() {
+                let step = match action {
+                    Action::Request(step) => step,
+                    Action::Reload { limit, to } => {
+                        limits[*limit] = to.apply(limits[*limit]);
+                        continue;
+                    }
+                };
                 now += step.dt;
-                let items = self.items(step);
+                let items = self.items(&limits, step);
                 trio.decide(&items, now).await.map_err(|e| {
                     format!(
                         "step {n} at start + {} µs (absolute {now}): {}\n{e}",
@@ -454,6 +518,21 @@ fn cost() -> impl Strategy<Value = u64> {
     prop_oneof![4 => Just(1u64), 2 => 2..=3u64, 1 => 4..=6u64]
 }
 
+/// An [`Action`] before its indices are resolved against the case's sets and limits.
+#[derive(Debug, Clone)]
+enum RawAction {
+    Request {
+        dt: Micros,
+        who: u8,
+        set: Index,
+        cost: u64,
+    },
+    Reload {
+        limit: Index,
+        to: Reload,
+    },
+}
+
 /// `pool` limits drawn from `algorithms` (each shadow with probability `shadow`), up to three
 /// sets of up to `per_request` of them, up to 40 requests.
 fn case(
@@ -465,6 +544,25 @@ fn case(
     let limit = (algorithms, prop::bool::weighted(shadow))
         .prop_map(|(algorithm, shadow)| Limit { algorithm, shadow });
     let step = (dt(), 0..3u8, any::<Index>(), cost());
+    let reload = (
+        quota(),
+        1..=12u64,
+        window(),
+        prop_oneof![select(&ROUND_WINDOWS[..]), 1..=500_000u64],
+        prop::bool::weighted(shadow),
+    )
+        .prop_map(|(quota, count, period, interval, shadow)| Reload {
+            quota,
+            count,
+            period,
+            interval,
+            shadow,
+        });
+    // A request, or (one step in eight) a reload of one limit.
+    let action = prop_oneof![
+        7 => step.prop_map(|(dt, who, set, cost)| RawAction::Request { dt, who, set, cost }),
+        1 => (any::<Index>(), reload).prop_map(|(limit, to)| RawAction::Reload { limit, to }),
+    ];
     (
         0..10 * SEC,
         prop::collection::vec(limit, 1..=pool),
@@ -472,7 +570,7 @@ fn case(
             prop::collection::vec(any::<Index>(), 1..=per_request),
             1..=3,
         ),
-        prop::collection::vec(step, 1..=40),
+        prop::collection::vec(action, 1..=40),
     )
         .prop_map(|(offset, limits, sets, steps)| {
             let sets: Vec<Vec<usize>> = sets
@@ -490,11 +588,17 @@ fn case(
                 .collect();
             let steps = steps
                 .into_iter()
-                .map(|(dt, who, set, cost)| Step {
-                    dt,
-                    who,
-                    set: set.index(sets.len()),
-                    cost,
+                .map(|action| match action {
+                    RawAction::Request { dt, who, set, cost } => Action::Request(Step {
+                        dt,
+                        who,
+                        set: set.index(sets.len()),
+                        cost,
+                    }),
+                    RawAction::Reload { limit, to } => Action::Reload {
+                        limit: limit.index(limits.len()),
+                        to,
+                    },
                 })
                 .collect();
             Case {
@@ -706,6 +810,122 @@ fn token_bucket_idle_far_longer_than_its_fill_time() {
     assert!(!slow_decisions[1].admitted);
     assert_eq!(slow_decisions[1].outcomes[0].retry_after, 990 * SEC);
     assert!(slow_decisions[2].admitted);
+}
+
+/// A reload that slows a limit down. The key's TTL was set under the old rate, so the memory
+/// store forgets it (by the `now` it is given) when the old rate would have filled the bucket,
+/// while Redis (by its own clock) still holds it: both must read that state as a fresh one. A
+/// request soon after the reload sees the tokens carried over.
+#[test]
+fn a_reload_that_slows_a_limit_down_past_its_old_ttl() {
+    let backends = Backends::start();
+    let t = start_time(SEC);
+    // 100/s (full again 40 ms after a drain), then 1 per 10 s; burst 4.
+    let fast = Algorithm::TokenBucket {
+        burst: 4,
+        refill: 1,
+        unit: 10_000,
+    };
+    let slow = Algorithm::TokenBucket {
+        burst: 4,
+        refill: 1,
+        unit: 10_000_000,
+    };
+    let fast_gcra = Algorithm::Gcra {
+        burst: 4,
+        interval: 10 * MS,
+    };
+    let slow_gcra = Algorithm::Gcra {
+        burst: 4,
+        interval: 10 * SEC,
+    };
+    for (from, to) in [(fast, slow), (fast_gcra, slow_gcra)] {
+        let requests = [
+            (t, vec![item(from, 3)]),
+            // 1 left; 10 ms later (under the old rate, as the state was written) 2, carried over.
+            (t + 10 * MS, vec![item(to, 1)]),
+            (t + 10 * MS, vec![item(to, 1)]),
+            (t + 10 * MS, vec![item(to, 1)]),
+        ];
+        let decisions = backends
+            .replay(&requests)
+            .unwrap_or_else(|e| panic!("{from:?} -> {to:?}: {e}"));
+        let remaining: Vec<Option<u64>> = decisions
+            .iter()
+            .map(|d| d.outcomes[0].allowed.then_some(d.outcomes[0].remaining))
+            .collect();
+        assert_eq!(
+            remaining,
+            [Some(1), Some(1), Some(0), None],
+            "{from:?} -> {to:?}"
+        );
+
+        // Drained, then nothing until the old rate would have refilled it and the memory
+        // store's entry has expired (40 ms + the 1 s slack): a full bucket under the new rate.
+        let requests = [
+            (t, vec![item(from, 4)]),
+            (t + 2 * SEC, vec![item(to, 1)]),
+            (t + 2 * SEC, vec![item(to, 3)]),
+            (t + 2 * SEC, vec![item(to, 1)]),
+        ];
+        let decisions = backends
+            .replay(&requests)
+            .unwrap_or_else(|e| panic!("{from:?} -> {to:?}: {e}"));
+        let remaining: Vec<Option<u64>> = decisions
+            .iter()
+            .map(|d| d.outcomes[0].allowed.then_some(d.outcomes[0].remaining))
+            .collect();
+        assert_eq!(
+            remaining,
+            [Some(0), Some(3), Some(0), None],
+            "{from:?} -> {to:?}"
+        );
+    }
+}
+
+/// Keys written by an older tollgate hold a token bucket as "<level>:<time>" and a GCRA as
+/// "<TAT>", without the parameters: they are read as written under the limit's own (what that
+/// tollgate meant).
+#[test]
+fn states_of_an_older_tollgate() {
+    let backends = Backends::start();
+    let t = start_time(SEC);
+    // 10/s, burst 50: a token is 100_000 units, a cell 100_000 µs; 21 left at t either way.
+    let bucket = Algorithm::TokenBucket {
+        burst: 50,
+        refill: 1,
+        unit: 100_000,
+    };
+    let gcra = Algorithm::Gcra {
+        burst: 50,
+        interval: 100_000,
+    };
+    let cases = [
+        (bucket, format!("{}:{t}", 21 * 100_000)),
+        (gcra, format!("{}", t + 29 * 100_000)),
+    ];
+    for (alg, old_state) in cases {
+        let request = item(alg, 1);
+        let key = tollgate::limiter::redis::key_name("model", request.id, &request.tag);
+        {
+            let mut conn = backends.flush.lock().unwrap_or_else(|e| e.into_inner());
+            redis::cmd("FLUSHALL").query::<()>(&mut conn).unwrap();
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(old_state)
+                .arg("PX")
+                .arg(60_000)
+                .query::<()>(&mut conn)
+                .unwrap();
+        }
+        // 100 ms later: one more token (cell), one taken.
+        let decision = backends
+            .runtime
+            .block_on(backends.redis_store.decide(&[request], Some(t + 100 * MS)))
+            .unwrap();
+        assert!(decision.admitted, "{alg:?}");
+        assert_eq!(decision.outcomes[0].remaining, 21, "{alg:?}");
+    }
 }
 
 /// Clock steps back when only admitted requests came before: every store keeps counting from the

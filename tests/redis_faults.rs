@@ -866,108 +866,28 @@ async fn replicas_with_skewed_clocks_admit_exactly_the_limit_for_every_algorithm
 // ---------------------------------------------------------------------------------------------
 // Connection security: TLS, mutual TLS, ACL users.
 
-/// A private CA, a server certificate for 127.0.0.1 and a client certificate, made with the
-/// `openssl` CLI.
-struct Pki {
-    dir: tempfile::TempDir,
-}
+/// A private CA, a server certificate for 127.0.0.1 and a client certificate
+/// (tests/common/pki.rs): `ca.pem`, `server.pem`, `server.key`, `client.pem`, `client.key`.
+struct Pki(common::pki::Pki);
 
 impl Pki {
     fn generate() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(dir.path())
-                .output()
-                .expect("the openssl CLI must be installed");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        openssl(
-            &[
-                &["req", "-x509"][..],
-                &ec,
-                &[
-                    "-keyout",
-                    "ca.key",
-                    "-out",
-                    "ca.pem",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=tollgate-test-ca",
-                    "-addext",
-                    "basicConstraints=critical,CA:TRUE",
-                    "-addext",
-                    "keyUsage=critical,keyCertSign,cRLSign",
-                ],
-            ]
-            .concat(),
+        use common::pki::Usage;
+        let pki = common::pki::Pki::new();
+        // Redis presents the server certificate as a client too (replication, cluster bus).
+        pki.leaf(
+            "server",
+            "127.0.0.1",
+            &["127.0.0.1"],
+            &[Usage::ServerAuth, Usage::ClientAuth],
+            2,
         );
-        for (name, cn, usage, serial) in [
-            (
-                "server",
-                "127.0.0.1",
-                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth",
-                "2",
-            ),
-            ("client", "tollgate", "extendedKeyUsage=clientAuth", "3"),
-        ] {
-            std::fs::write(
-                dir.path().join(format!("{name}.ext")),
-                format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n{usage}\n"),
-            )
-            .unwrap();
-            let (key, csr, pem, ext) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.pem"),
-                format!("{name}.ext"),
-            );
-            let subject = format!("/CN={cn}");
-            openssl(
-                &[
-                    &["req"][..],
-                    &ec,
-                    &["-keyout", &key, "-out", &csr, "-subj", &subject],
-                ]
-                .concat(),
-            );
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-set_serial",
-                serial,
-                "-days",
-                "2",
-                "-out",
-                &pem,
-                "-extfile",
-                &ext,
-            ]);
-        }
-        Pki { dir }
+        pki.leaf("client", "tollgate", &[], &[Usage::ClientAuth], 3);
+        Pki(pki)
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.0.path(name)
     }
 
     fn certificates(&self) -> redis::TlsCertificates {

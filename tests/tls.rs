@@ -1,5 +1,5 @@
 //! TLS termination and HTTP/2, end to end over loopback: certificates made at test time with
-//! the `openssl` CLI (a CA and leaves for 127.0.0.1 / localhost), a rustls client that trusts
+//! rcgen (tests/common/pki.rs: a CA and leaves for 127.0.0.1 / localhost), a rustls client that trusts
 //! only that CA, HTTP/1.1 and HTTP/2 (ALPN) over TLS, h2c by prior knowledge on a plain
 //! listener, one limit counting h1 and h2 requests alike, clear startup errors for unusable
 //! certificate files, and a certificate renewed by a reload.
@@ -7,12 +7,13 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::pki::Pki;
 use common::*;
 use http::{HeaderMap, Request, Response, header};
 use http_body_util::{BodyExt, Empty};
@@ -31,135 +32,14 @@ use tokio_rustls::client::TlsStream;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
-// Certificates, made with the openssl CLI
+// Certificates (tests/common/pki.rs)
 // ---------------------------------------------------------------------------------------------
-
-/// A test CA and the leaves it signed, all in one temp dir.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-/// One leaf: its chain file (leaf then CA), its key, and the leaf's DER.
-struct Leaf {
-    chain: PathBuf,
-    key: PathBuf,
-    der: Vec<u8>,
-}
-
-const LEAF_EXTENSIONS: &str = "basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1, DNS:localhost
-";
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("the openssl CLI must be installed");
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn pem_certs(path: &Path) -> Vec<CertificateDer<'static>> {
     CertificateDer::pem_file_iter(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .collect::<Result<Vec<_>, _>>()
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        openssl(
-            dir.path(),
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=tollgate test CA",
-            ],
-        );
-        std::fs::write(dir.path().join("leaf.ext"), LEAF_EXTENSIONS).unwrap();
-        Pki { dir }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    /// A leaf for 127.0.0.1 and localhost with common name `name` and serial `serial`.
-    fn leaf(&self, name: &str, serial: u32) -> Leaf {
-        let d = self.dir.path();
-        let key = format!("{name}.key");
-        let csr = format!("{name}.csr");
-        let pem = format!("{name}.pem");
-        openssl(
-            d,
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN=tollgate {name}"),
-            ],
-        );
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-set_serial",
-                &serial.to_string(),
-                "-days",
-                "2",
-                "-extfile",
-                "leaf.ext",
-                "-out",
-                &pem,
-            ],
-        );
-        let leaf_pem = std::fs::read(d.join(&pem)).unwrap();
-        let ca_pem = std::fs::read(d.join("ca.pem")).unwrap();
-        let chain = d.join(format!("{name}-chain.pem"));
-        std::fs::write(&chain, [leaf_pem, ca_pem].concat()).unwrap();
-        let der = pem_certs(&d.join(&pem))[0].as_ref().to_vec();
-        Leaf {
-            chain,
-            key: d.join(key),
-            der,
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -329,7 +209,7 @@ fn config_text(upstream: &str, tls: &str, limits: &str) -> String {
 #[tokio::test]
 async fn https_h1_and_h2_are_served_and_one_limit_counts_both() {
     let pki = Pki::new();
-    let leaf = pki.leaf("a", 1001);
+    let leaf = pki.server("a", 1001);
     let upstream = Upstream::start().await;
     let cfg = config_text(
         &upstream.target(),
@@ -421,7 +301,7 @@ async fn https_h1_and_h2_are_served_and_one_limit_counts_both() {
 #[tokio::test]
 async fn a_tls_client_without_alpn_is_served_http11() {
     let pki = Pki::new();
-    let leaf = pki.leaf("a", 1002);
+    let leaf = pki.server("a", 1002);
     let upstream = Upstream::start().await;
     let cfg = config_text(
         &upstream.target(),
@@ -523,8 +403,8 @@ fn run_expecting_exit(config: &Path) -> (std::process::ExitStatus, String) {
 #[test]
 fn unusable_certificate_files_are_a_clear_startup_error() {
     let pki = Pki::new();
-    let a = pki.leaf("a", 2001);
-    let b = pki.leaf("b", 2002);
+    let a = pki.server("a", 2001);
+    let b = pki.server("b", 2002);
     let dir = tempfile::tempdir().unwrap();
     let garbage = dir.path().join("garbage.pem");
     std::fs::write(&garbage, "this is not PEM\n").unwrap();
@@ -587,7 +467,7 @@ fn unusable_certificate_files_are_a_clear_startup_error() {
     }
 
     // `check` on a config whose files are fine (relative paths, from the config's directory).
-    let good = pki.leaf("good", 2003);
+    let good = pki.server("good", 2003);
     std::fs::copy(&good.chain, dir.path().join("cert.pem")).unwrap();
     std::fs::copy(&good.key, dir.path().join("key.pem")).unwrap();
     let path = dir.path().join("good.toml");
@@ -689,8 +569,8 @@ async fn until_logged(bin: &Binary, skip: usize, prefix: &str) -> serde_json::Va
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_serves_the_renewed_certificate_and_refuses_a_bad_pair() {
     let pki = Pki::new();
-    let a = pki.leaf("a", 3001);
-    let b = pki.leaf("b", 3002);
+    let a = pki.server("a", 3001);
+    let b = pki.server("b", 3002);
     assert_ne!(a.der, b.der);
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -2,6 +2,7 @@
 //! typed [`Policy`]. Every error names the file, line and column of the offending value.
 
 mod raw;
+mod syntax;
 pub mod units;
 mod validate;
 
@@ -138,10 +139,15 @@ pub fn load(path: &Path) -> Result<Policy, ConfigErrors> {
 /// Parses and validates config text. `file` is the name errors carry.
 pub fn parse(source: &str, file: &str, base_dir: &Path) -> Result<Policy, ConfigErrors> {
     let raw: raw::RawConfig = toml::from_str(source).map_err(|e| {
-        let (line, column) = e
-            .span()
-            .map_or((1, 1), |span| line_column(source, span.start));
         let message = e.message().trim().replace('\n', " ");
+        let offset = e.span().map_or(0, |span| span.start);
+        // Where toml's words or position mislead (a slip reported where the parser gave up),
+        // the pre-scan's; otherwise toml's.
+        let (offset, message) = match syntax::explain(source, offset, e.span(), &message) {
+            Some(better) => (better.offset, better.message),
+            None => (offset, message),
+        };
+        let (line, column) = line_column(source, offset);
         let line_text = source.lines().nth(line - 1).unwrap_or("");
         let before: String = line_text.chars().take(column.saturating_sub(1)).collect();
         ConfigErrors::single(file, line, column, with_hint(message, &before))

@@ -376,3 +376,93 @@ fn type_and_missing_field_errors_say_what_is_allowed() {
         "{e}"
     );
 }
+
+/// One proxy.toml per common TOML slip (tests/fixtures/syntax/), each with the exact position
+/// and words it must give: the slip's own line and column, not where toml's parser gave up.
+#[test]
+fn syntax_slips_are_reported_where_they_are() {
+    let cases = [
+        // toml alone: 23:1 "invalid inline table element, expected `,`" (issue 9).
+        (
+            "unterminated_string",
+            "22:50: unterminated string: this `\"` is not closed on its line",
+        ),
+        (
+            "unterminated_literal_string",
+            "19:18: unterminated string: this `'` is not closed on its line",
+        ),
+        // toml alone: 26:1 "missing comma between array elements".
+        (
+            "missing_closing_bracket",
+            "20:10: unclosed array: this `[` has no matching `]` before the table header on line 25",
+        ),
+        (
+            "missing_closing_bracket_inline",
+            "19:38: unclosed array: this `[` has no matching `]` (a `}` at 19:46 came first)",
+        ),
+        (
+            "missing_closing_brace",
+            "21:3: unclosed inline table: this `{` has no matching `}` (a `]` at 23:1 came first)",
+        ),
+        ("missing_equals", "26:6: key with no value, expected `=`"),
+        (
+            "duplicate_key",
+            "28:1: duplicate key `upstream`, first set at 27:1; a key may be set only once in a table",
+        ),
+        (
+            "duplicate_key_inline",
+            "21:44: duplicate key `by`, first set at 21:5; a key may be set only once in a table",
+        ),
+        (
+            "table_defined_twice",
+            "16:1: duplicate table [store], first defined at 9:1; a table may be defined only once",
+        ),
+        (
+            "bare_word_value",
+            "30:42: unquoted value gcra; string values must be quoted: algorithm = \"gcra\"",
+        ),
+    ];
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/syntax");
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    let mut named: Vec<String> = cases.iter().map(|(n, _)| format!("{n}.toml")).collect();
+    named.sort();
+    assert_eq!(on_disk, named, "one case per fixture");
+    for (name, expected) in cases {
+        let text = std::fs::read_to_string(dir.join(format!("{name}.toml"))).unwrap();
+        assert_eq!(error_of(&text), expected, "{name}");
+    }
+}
+
+/// The pre-scan that finds those slips reads strings, comments, multi-line strings and nested
+/// brackets as TOML does: a slip after them is still reported where toml finds it, and a file
+/// that is valid TOML keeps toml's (serde's) words.
+#[test]
+fn syntax_prescan_is_not_fooled_by_valid_toml() {
+    let tricky = concat!(
+        "# a \"quote\" and a 'quote' [in] {a} comment, café\n",
+        "[server]\n",
+        "listen = \"127.0.0.1:1\" # trailing \" quote\n",
+        "[upstreams.api]\n",
+        "targets = [\n  \"http://127.0.0.1:3000\", # [\n]\n",
+        "[[routes]]\n",
+        "name = \"a\\\"b#[{é\"\n",
+        "upstream = 'api'\n",
+        "match = { headers = { x = \"\"\"multi \"\" line\n[not a header]\n\"\"\" , y = '''it's {'''} }\n",
+    );
+    let e = error_of(&format!("{tricky}oops \"x\"\n"));
+    assert_eq!(e, "14:6: key with no value, expected `=`");
+    let e = error_of(&format!("{tricky}limits = [ {{ rate = \"5/s }} ]\n"));
+    assert_eq!(
+        e,
+        "14:21: unterminated string: this `\"` is not closed on its line"
+    );
+    let e = error_of(&format!("{tricky}colour = \"blue\n"));
+    assert!(e.starts_with("14:10: unterminated string"), "{e}");
+    // Valid TOML with an unknown field: serde's message, untouched.
+    let e = error_of(&format!("{tricky}colour = \"blue\"\n"));
+    assert!(e.starts_with("14:1: unknown field `colour`"), "{e}");
+}

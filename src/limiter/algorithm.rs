@@ -49,10 +49,19 @@ pub enum State {
     },
     /// Sliding log: the timestamp of every admitted unit, oldest first, strictly increasing.
     Log(VecDeque<Micros>),
-    /// Token bucket: level in units (a token is `unit` units) at time `last`.
-    Bucket { level: u64, last: Micros },
-    /// GCRA: the theoretical arrival time of the next cell.
-    Tat(Micros),
+    /// Token bucket: level in units at time `last`, with the parameters of the limit that wrote
+    /// it (a token is `unit` units; `refill` units per µs; `burst` tokens at most). A reload
+    /// may change N, and with it the unit: the state says which unit its level is counted in.
+    Bucket {
+        level: u64,
+        last: Micros,
+        burst: u64,
+        refill: u64,
+        unit: u64,
+    },
+    /// GCRA: the theoretical arrival time of the next cell, with the emission interval of the
+    /// limit that wrote it (a reload that changes N changes the interval).
+    Tat { tat: Micros, interval: Micros },
 }
 
 /// What a limit says about one request.
@@ -71,9 +80,10 @@ fn div_ceil(a: u64, b: u64) -> u64 {
     a.div_ceil(b)
 }
 
-/// `ceil(a * b / c)` evaluated exactly as Lua does it: in IEEE doubles, left to right. Used only
-/// by the sliding-window approximation, where the product may pass 2^53; doing it the same way on
-/// both sides keeps the memory store and the scripts in agreement to the bit.
+/// `ceil(a * b / c)` evaluated exactly as Lua does it: in IEEE doubles, left to right. Used where
+/// the product may pass 2^53 (the sliding-window approximation, and carrying a GCRA's TAT over to
+/// another interval); doing it the same way on both sides keeps the memory store and the scripts
+/// in agreement to the bit.
 fn lua_mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
     (a as f64 * b as f64 / c as f64).ceil() as u64
 }
@@ -81,6 +91,16 @@ fn lua_mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
 /// `floor(a * b / c)`, in doubles, as Lua does it.
 fn lua_mul_div_floor(a: u64, b: u64, c: u64) -> u64 {
     (a as f64 * b as f64 / c as f64).floor() as u64
+}
+
+/// A bucket's level `elapsed` µs after it was `level`, at most `capacity`. Compares before
+/// multiplying so that a long idle time cannot overflow (or, in Lua, leave exact integers).
+fn refilled(level: u64, elapsed: Micros, capacity: u64, refill: u64) -> u64 {
+    if elapsed >= div_ceil(capacity.saturating_sub(level), refill) {
+        capacity
+    } else {
+        level + elapsed * refill
+    }
 }
 
 impl Algorithm {
@@ -97,11 +117,18 @@ impl Algorithm {
                 previous: 0,
             },
             Algorithm::SlidingLog { .. } => State::Log(VecDeque::new()),
-            Algorithm::TokenBucket { burst, unit, .. } => State::Bucket {
+            Algorithm::TokenBucket {
+                burst,
+                refill,
+                unit,
+            } => State::Bucket {
                 level: burst * unit,
                 last: now,
+                burst,
+                refill,
+                unit,
             },
-            Algorithm::Gcra { .. } => State::Tat(now),
+            Algorithm::Gcra { interval, .. } => State::Tat { tat: now, interval },
         }
     }
 
@@ -114,7 +141,7 @@ impl Algorithm {
                 | (Algorithm::SlidingWindow { .. }, State::TwoWindows { .. })
                 | (Algorithm::SlidingLog { .. }, State::Log(_))
                 | (Algorithm::TokenBucket { .. }, State::Bucket { .. })
-                | (Algorithm::Gcra { .. }, State::Tat(_))
+                | (Algorithm::Gcra { .. }, State::Tat { .. })
         )
     }
 
@@ -258,18 +285,35 @@ impl Algorithm {
                     refill,
                     unit,
                 },
-                State::Bucket { level, last },
+                State::Bucket {
+                    level,
+                    last,
+                    burst: was_burst,
+                    refill: was_refill,
+                    unit: was_unit,
+                },
             ) => {
                 let capacity = burst * unit;
                 let base = now.max(*last);
-                let missing = capacity.saturating_sub(*level);
-                let elapsed = base - *last;
-                // Compare before multiplying so that a long idle time cannot overflow.
-                if elapsed >= div_ceil(missing, refill) {
-                    *level = capacity;
-                } else {
-                    *level += elapsed * refill;
+                if (*was_burst, *was_refill, *was_unit) != (burst, refill, unit) {
+                    // Written under other parameters (a reload changed N or burst). The store
+                    // cannot know when the reload happened, so the state is first brought to
+                    // `base` under the parameters that wrote it, as its TTL was; then its tokens
+                    // carry over (rounded down), at most the new burst. A bucket that was full
+                    // is full (as an expired key would be).
+                    let was_capacity = *was_burst * *was_unit;
+                    let then = refilled(*level, base - *last, was_capacity, *was_refill);
+                    *level = if then >= was_capacity {
+                        capacity
+                    } else if *was_unit == unit {
+                        then.min(capacity)
+                    } else {
+                        lua_mul_div_floor(then, unit, *was_unit).min(capacity)
+                    };
+                    *last = base;
+                    (*was_burst, *was_refill, *was_unit) = (burst, refill, unit);
                 }
+                *level = refilled(*level, base - *last, capacity, refill);
                 *last = base;
                 let need = cost * unit;
                 if *level >= need {
@@ -289,8 +333,22 @@ impl Algorithm {
                     }
                 }
             }
-            (Algorithm::Gcra { burst, interval }, State::Tat(tat)) => {
+            (
+                Algorithm::Gcra { burst, interval },
+                State::Tat {
+                    tat,
+                    interval: was_interval,
+                },
+            ) => {
                 let tolerance = burst * interval;
+                if *was_interval != interval && *tat > now {
+                    // Written under another N. The TAT moved at the old rate until now; what it
+                    // still holds is a number of cells used, which carries over (rounded up, in
+                    // doubles as Lua computes it), at most a whole burst.
+                    let used = lua_mul_div_ceil(*tat - now, interval, *was_interval);
+                    *tat = now + used.min(tolerance);
+                }
+                *was_interval = interval;
                 let start = (*tat).max(now);
                 let next = start + cost * interval;
                 if next - now <= tolerance {
@@ -335,7 +393,7 @@ impl Algorithm {
             (Algorithm::TokenBucket { unit, .. }, State::Bucket { level, .. }) => {
                 *level -= cost * unit;
             }
-            (Algorithm::Gcra { interval, .. }, State::Tat(tat)) => {
+            (Algorithm::Gcra { interval, .. }, State::Tat { tat, .. }) => {
                 *tat = (*tat).max(now) + cost * interval;
             }
             _ => unreachable!("commit follows a check of the same algorithm"),
@@ -361,12 +419,12 @@ impl Algorithm {
                     refill,
                     unit,
                 },
-                State::Bucket { level, last },
+                State::Bucket { level, last, .. },
             ) => {
                 let full_at = last + div_ceil((burst * unit).saturating_sub(*level), refill);
                 full_at.saturating_sub(now)
             }
-            (Algorithm::Gcra { .. }, State::Tat(tat)) => tat.saturating_sub(now),
+            (Algorithm::Gcra { .. }, State::Tat { tat, .. }) => tat.saturating_sub(now),
             _ => 0,
         }
     }
@@ -636,6 +694,68 @@ mod tests {
         let mut s = alg.fresh(T0);
         hit(&alg, &mut s, T0, 2);
         assert_eq!(alg.ttl(&s, T0), 2_000);
+    }
+
+    /// `rate = "7/s", burst = 50` and `"10/s"`, as policy validation builds them: a token is
+    /// 1_000_000 units at 7/s (gcd 1) but 100_000 units at 10/s (gcd 10).
+    const SEVEN_PER_S: Algorithm = Algorithm::TokenBucket {
+        burst: 50,
+        refill: 7,
+        unit: 1_000_000,
+    };
+    const TEN_PER_S: Algorithm = Algorithm::TokenBucket {
+        burst: 50,
+        refill: 1,
+        unit: 100_000,
+    };
+
+    /// A bucket with 21 tokens left under `from`, then requests of one token under `to` (a
+    /// reload changed N) at `T0` and one second later: the tokens left each time. (GCRA too.)
+    fn remaining_across_a_reload(from: Algorithm, to: Algorithm) -> (u64, u64) {
+        let mut s = from.fresh(T0);
+        assert_eq!(hit(&from, &mut s, T0, 29).remaining, 21);
+        let mut later = s.clone();
+        let at_once = hit(&to, &mut s, T0, 1);
+        let after_a_second = hit(&to, &mut later, T0 + SEC, 1);
+        assert!(at_once.allowed && after_a_second.allowed);
+        (at_once.remaining, after_a_second.remaining)
+    }
+
+    #[test]
+    fn token_bucket_keeps_its_tokens_when_a_reload_changes_n() {
+        // The 21 tokens are kept; the second since the state was written refills at the rate
+        // that wrote it (the store cannot know when the reload happened): 21 + 7 - 1.
+        assert_eq!(remaining_across_a_reload(SEVEN_PER_S, TEN_PER_S), (20, 27));
+        // 21 + 10 - 1.
+        assert_eq!(remaining_across_a_reload(TEN_PER_S, SEVEN_PER_S), (20, 30));
+    }
+
+    #[test]
+    fn gcra_keeps_what_a_client_used_when_a_reload_changes_n() {
+        // 7/s and 10/s with burst 50: intervals 142_857 µs and 100_000 µs.
+        let seven = Algorithm::Gcra {
+            burst: 50,
+            interval: 142_857,
+        };
+        let ten = Algorithm::Gcra {
+            burst: 50,
+            interval: 100_000,
+        };
+        // 29 cells used, 21 left, as for the token bucket: 20 after one more, and a second
+        // later (the TAT moves at the old rate until the new config reads it) 21 + 7 - 1 and
+        // 21 + 10 - 1.
+        assert_eq!(remaining_across_a_reload(seven, ten), (20, 27));
+        assert_eq!(remaining_across_a_reload(ten, seven), (20, 30));
+        // Drained at 10/s, then 1/s: still drained (the TAT alone said 45 cells were free).
+        let one = Algorithm::Gcra {
+            burst: 50,
+            interval: SEC,
+        };
+        let mut s = ten.fresh(T0);
+        assert_eq!(hit(&ten, &mut s, T0, 50).remaining, 0);
+        let denied = hit(&one, &mut s, T0, 1);
+        assert!(!denied.allowed);
+        assert_eq!(denied.retry_after, SEC);
     }
 
     #[test]

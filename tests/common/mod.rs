@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod origins;
+pub mod pki;
 pub mod raw;
 
 use std::collections::BTreeMap;
