@@ -13,16 +13,7 @@ const CLIENTS: usize = 32;
 const PER_CLIENT: usize = 20;
 
 fn evalsha_calls(redis: &Redis) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut redis.conn())
-        .unwrap();
-    info.lines()
-        .find(|l| l.starts_with("cmdstat_evalsha:"))
-        .and_then(|l| l.split("calls=").nth(1))
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    common::parse::evalsha_calls(&mut redis.conn())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

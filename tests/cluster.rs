@@ -155,9 +155,7 @@ fn decisions(tg: &tollgate::Running, route: &str, decision: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {series} in the metrics:\n{metrics}"))
 }
 
-fn info(conn: &mut redis::Connection, section: &str) -> String {
-    redis::cmd("INFO").arg(section).query(conn).unwrap()
-}
+use common::parse::info;
 
 // ---------------------------------------------------------------------------------------------
 // Exactness

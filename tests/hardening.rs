@@ -362,14 +362,11 @@ async fn missing_or_repeated_host_is_a_400_and_nothing_is_forwarded() {
 
 /// `"name";r=R;t=T` → R.
 fn remaining(reply: &RawReply) -> u64 {
-    let value = reply
-        .header("ratelimit")
-        .unwrap_or_else(|| panic!("a RateLimit header: {reply:?}"));
-    value
-        .split(';')
-        .find_map(|p| p.strip_prefix("r="))
-        .and_then(|r| r.parse().ok())
-        .unwrap_or_else(|| panic!("no r= in {value:?}"))
+    common::parse::remaining(
+        reply
+            .header("ratelimit")
+            .unwrap_or_else(|| panic!("a RateLimit header: {reply:?}")),
+    )
 }
 
 async fn next_reply(s: &mut TcpStream) -> RawReply {

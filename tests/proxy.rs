@@ -817,12 +817,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
 
 /// `"name";r=R;t=T` → R.
 fn remaining(ratelimit: Option<&str>) -> u64 {
-    let value = ratelimit.expect("a RateLimit header");
-    value
-        .split(';')
-        .find_map(|p| p.strip_prefix("r="))
-        .and_then(|r| r.parse().ok())
-        .unwrap_or_else(|| panic!("no r= in {value:?}"))
+    common::parse::remaining(ratelimit.expect("a RateLimit header"))
 }
 
 #[tokio::test]

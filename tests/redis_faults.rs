@@ -111,34 +111,7 @@ impl Drop for Frozen {
     }
 }
 
-fn info(conn: &mut redis::Connection, section: &str) -> String {
-    redis::cmd("INFO")
-        .arg(section)
-        .query(conn)
-        .expect("INFO answers")
-}
-
-/// A numeric field of an `INFO` text.
-fn info_u64(text: &str, field: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in INFO:\n{text}"))
-}
-
-/// `calls` of `cmdstat_evalsha` (0 before the first call).
-fn evalsha_calls(conn: &mut redis::Connection) -> u64 {
-    let text = info(conn, "commandstats");
-    text.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .map(|rest| {
-            rest.split(',')
-                .next()
-                .and_then(|n| n.parse().ok())
-                .expect("calls=N")
-        })
-        .unwrap_or(0)
-}
+use common::parse::{evalsha_calls, info, info_u64};
 
 /// Redis's clock, in µs since the epoch.
 fn redis_time_us(conn: &mut redis::Connection) -> u64 {

@@ -43,11 +43,7 @@ async fn wait_for_quota(http: &Http, addr: std::net::SocketAddr, quota: u32) -> 
 
 async fn metric(http: &Http, admin: std::net::SocketAddr, line_start: &str) -> Option<u64> {
     let body = http.get(&format!("http://{admin}/metrics"), &[]).await.body;
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    common::parse::metric(&String::from_utf8_lossy(&body), line_start).map(|v| v as u64)
 }
 
 struct Setup {
@@ -256,12 +252,7 @@ fn bucket_config(upstream: &Upstream, store: &str, algorithm: &str, rate: &str) 
 
 /// `r` of the `RateLimit` header.
 fn remaining(reply: &Reply) -> u64 {
-    let value = reply.header("ratelimit").expect("a RateLimit header");
-    value
-        .split(';')
-        .find_map(|p| p.strip_prefix("r="))
-        .and_then(|r| r.parse().ok())
-        .unwrap_or_else(|| panic!("no r= in {value:?}"))
+    common::parse::remaining(reply.header("ratelimit").expect("a RateLimit header"))
 }
 
 /// Issue 9: a client with 21 tokens left under one N had 49 (a full burst) after a reload to a

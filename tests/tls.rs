@@ -164,16 +164,12 @@ fn h2_get(
 
 /// `"name";r=R;t=T` → R.
 fn remaining(got: &Got) -> u64 {
-    let value = got
-        .headers
-        .get("ratelimit")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_else(|| panic!("a RateLimit header: {got:?}"));
-    value
-        .split(';')
-        .find_map(|p| p.strip_prefix("r="))
-        .and_then(|r| r.parse().ok())
-        .unwrap_or_else(|| panic!("no r= in {value:?}"))
+    common::parse::remaining(
+        got.headers
+            .get("ratelimit")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("a RateLimit header: {got:?}")),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod origins;
+pub mod parse;
 pub mod pki;
 pub mod raw;
 
@@ -64,7 +65,8 @@ impl Redis {
         redis
     }
 
-    /// Starts with extra `redis-server` arguments.
+    /// Starts with extra `redis-server` arguments, on a free port: if another process takes
+    /// that port between the look-up and the bind, it tries again on another one.
     pub fn start_with(extra: &[&str]) -> Redis {
         let mut redis = Redis {
             port: free_port(),
@@ -72,11 +74,26 @@ impl Redis {
             dir: tempfile::tempdir().expect("temp dir"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
+        for _ in 0..3 {
+            if redis.try_spawn().is_ok() {
+                return redis;
+            }
+            redis.kill();
+            redis.port = free_port();
+        }
         redis.spawn();
         redis
     }
 
     fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts the server and waits until it answers, and is ours: its `dir` is this fixture's
+    /// (a port taken by another server would answer PING too).
+    fn try_spawn(&mut self) -> Result<(), String> {
         let child = Command::new("redis-server")
             .arg("--port")
             .arg(self.port.to_string())
@@ -91,21 +108,38 @@ impl Redis {
             .spawn()
             .expect("redis-server must be installed (the README's test command installs it)");
         self.child = Some(child);
-        self.wait_ready();
-    }
-
-    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
+        let ours = self
+            .dir
+            .path()
+            .canonicalize()
+            .unwrap_or(self.dir.path().into());
         while Instant::now() < deadline {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return Err(format!(
+                    "redis-server on port {} exited with {status}: {}",
+                    self.port,
+                    self.log()
+                ));
+            }
             if let Ok(client) = redis::Client::open(self.url())
                 && let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(200))
-                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+                && let Ok((_, dir)) = redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("dir")
+                    .query::<(String, String)>(&mut conn)
             {
-                return;
+                if std::path::Path::new(&dir) == ours {
+                    return Ok(());
+                }
+                return Err(format!("port {} is another server's", self.port));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server on port {} did not become ready", self.port);
+        Err(format!(
+            "redis-server on port {} did not become ready",
+            self.port
+        ))
     }
 
     pub fn url(&self) -> String {
