@@ -49,6 +49,18 @@ fn config(target: &str, server_extra: &str, routes: &str) -> String {
     )
 }
 
+/// A recording upstream behind a tollgate with one open route and `server_extra`.
+async fn open_proxy(server_extra: &str) -> (Upstream, tollgate::Running) {
+    let upstream = Upstream::start().await;
+    let tg = start_tollgate(&config(
+        &upstream.target(),
+        server_extra,
+        "[[routes]]\nname = \"all\"\nupstream = \"origin\"\n",
+    ))
+    .await;
+    (upstream, tg)
+}
+
 fn body(reply: &RawReply) -> String {
     String::from_utf8_lossy(&reply.body).into_owned()
 }
@@ -236,13 +248,7 @@ async fn path_spellings_are_counted_by_the_route_a_python_app_serves() {
 
 #[tokio::test]
 async fn escaped_slashes_can_be_refused() {
-    let upstream = Upstream::start().await;
-    let tg = start_tollgate(&config(
-        &upstream.target(),
-        "escaped_slashes = \"reject\"",
-        "[[routes]]\nname = \"all\"\nupstream = \"origin\"\n",
-    ))
-    .await;
+    let (upstream, tg) = open_proxy("escaped_slashes = \"reject\"").await;
     for target in ["/%2flogin", "/a%2Fb", "/a%5cb"] {
         let reply = get(tg.addr, target, "t").await;
         assert_eq!(reply.status, 400, "{target}: {reply:?}");
@@ -258,13 +264,7 @@ async fn escaped_slashes_can_be_refused() {
 
 #[tokio::test]
 async fn odd_request_targets_are_refused_before_anything_is_forwarded() {
-    let upstream = Upstream::start().await;
-    let tg = start_tollgate(&config(
-        &upstream.target(),
-        "",
-        "[[routes]]\nname = \"all\"\nupstream = \"origin\"\n",
-    ))
-    .await;
+    let (upstream, tg) = open_proxy("").await;
     let connect = exchange(
         tg.addr,
         b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
@@ -309,13 +309,7 @@ async fn odd_request_targets_are_refused_before_anything_is_forwarded() {
 
 #[tokio::test]
 async fn a_malformed_chunked_body_is_the_clients_400_and_names_nothing_internal() {
-    let upstream = Upstream::start().await;
-    let tg = start_tollgate(&config(
-        &upstream.target(),
-        "",
-        "[[routes]]\nname = \"all\"\nupstream = \"origin\"\n",
-    ))
-    .await;
+    let (upstream, tg) = open_proxy("").await;
     let port = upstream.target().rsplit(':').next().unwrap().to_string();
     let probes: [&[u8]; 16] = [
         b"+3\r\nabc\r\n0\r\n\r\n",
@@ -357,13 +351,7 @@ async fn a_malformed_chunked_body_is_the_clients_400_and_names_nothing_internal(
 
 #[tokio::test]
 async fn via_names_the_protocol_received() {
-    let upstream = Upstream::start().await;
-    let tg = start_tollgate(&config(
-        &upstream.target(),
-        "",
-        "[[routes]]\nname = \"all\"\nupstream = \"origin\"\n",
-    ))
-    .await;
+    let (upstream, tg) = open_proxy("").await;
     let reply = exchange(tg.addr, b"GET /ten HTTP/1.0\r\n\r\n").await;
     assert_eq!(reply.status, 200);
     assert_eq!(upstream.last().headers["via"], "1.0 tollgate");
