@@ -10,6 +10,7 @@ pub mod deny_cache;
 pub mod lease;
 pub mod memory;
 pub mod redis;
+pub mod shards;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
