@@ -89,10 +89,10 @@ impl App {
         // The store (its connections; for memory, every counter) is kept unless its backend
         // or Redis connection settings changed: a new timeout or max_keys is no reason to
         // hand every client a fresh quota.
-        let reuse = match (&policy.store, &*old.limiter.store) {
+        let reuse = match (&policy.store, &**old.limiter.store()) {
             (StoreSettings::Memory { max_keys, .. }, Store::Memory(m)) => {
                 m.set_max_keys(*max_keys);
-                Some(old.limiter.store.clone())
+                Some(old.limiter.store().clone())
             }
             (StoreSettings::Redis(new), _) => match &old.policy.store {
                 StoreSettings::Redis(was)
@@ -101,7 +101,7 @@ impl App {
                         ..new.clone()
                     } == *was =>
                 {
-                    Some(old.limiter.store.clone())
+                    Some(old.limiter.store().clone())
                 }
                 _ => None,
             },
@@ -188,13 +188,7 @@ impl Runtime {
             .collect();
         let limiter_metrics = metrics.limiter(store.backend_name());
         Ok(Runtime {
-            limiter: Limiter {
-                store,
-                timeout: policy.store.timeout(),
-                denials: Default::default(),
-                leases: Default::default(),
-                metrics: limiter_metrics,
-            },
+            limiter: Limiter::new(store, policy.store.timeout(), limiter_metrics),
             policy,
             route_metrics,
             tls,

@@ -8,7 +8,9 @@
 //! - [`framing`]: head checks beyond hyper's (Host, Transfer-Encoding): no smuggling.
 //! - [`route`]: the first route whose `match` fits (on a normalised path).
 //! - [`identity`]: the client IP (trusted-proxy walk) and the hashed identity of each limit.
-//! - [`limiter`]: all limits of the route decided together in one store call — the
+//! - [`limiter`]: all limits of the route decided together, through layers in this order: the
+//!   deny cache ([`limiter::deny_cache`]), the leases of approximate mode ([`limiter::lease`]),
+//!   the circuit breaker and timeout ([`limiter::breaker`]), then one store call — the
 //!   [`limiter::algorithm`]s in process ([`limiter::memory`]) or as Lua scripts in Redis
 //!   ([`limiter::redis`], scripts in `lua/`).
 //! - [`response`]: 429 / 503 / 404 / 502 / 504 / 413 / 400 as problem+json, rate-limit headers.

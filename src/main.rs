@@ -213,7 +213,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
         tracing::info!(
             listen = %running.addr,
             admin = admin.as_deref().unwrap_or("none"),
-            store = running.app.runtime().limiter.store.backend_name(),
+            store = running.app.runtime().limiter.store().backend_name(),
             "tollgate serving"
         );
         running.wait().await;

@@ -2,10 +2,10 @@
 //! decisions, field by field, for the same requests at the same times.
 //!
 //! - The reference model is a plain map from (limit id, identity) to [`State`], driven by
-//!   [`Algorithm::check`] and [`Algorithm::commit`] directly, with the all-or-nothing rule of
+//!   [`Algorithm::check`] and [`Rolled::commit`] directly, with the all-or-nothing rule of
 //!   `decide.lua`: a request is admitted when every enforced (non-shadow) limit allows it, and only
-//!   then are the limits that allowed it charged. The model keeps whatever `check` left in a state
-//!   (normalisation included) and never forgets a key.
+//!   then are the limits that allowed it charged (their rolled-forward states written). Otherwise
+//!   nothing is written but the sliding log's trim, and the model never forgets a key.
 //! - [`Store::Memory`] and [`Store::Redis`] (a real redis-server from the harness) are called
 //!   through [`Store::decide`] with an explicit `now`, the interface production uses with `None`.
 //!
@@ -34,7 +34,7 @@ use proptest::sample::{Index, select};
 use proptest::test_runner::{FileFailurePersistence, TestCaseError};
 use tokio::runtime::Runtime;
 use tollgate::identity::Tag;
-use tollgate::limiter::algorithm::{Algorithm, Micros, Outcome, State};
+use tollgate::limiter::algorithm::{Algorithm, Micros, Outcome, Rolled, State};
 use tollgate::limiter::{Decision, Item, Store, wall_clock};
 use tollgate::policy::{RedisNodes, RedisSettings, Secret, StoreSettings};
 
@@ -69,29 +69,37 @@ struct Model {
 
 impl Model {
     fn decide(&mut self, items: &[Item], now: Micros) -> Decision {
-        let mut states: Vec<State> = items
+        let fresh: Vec<State> = items.iter().map(|item| item.algorithm.fresh(now)).collect();
+        let (outcomes, rolled): (Vec<Outcome>, Vec<Rolled>) = items
             .iter()
-            .map(|item| match self.states.get(&(item.id, item.tag)) {
-                Some(state) if item.algorithm.owns(state) => state.clone(),
-                _ => item.algorithm.fresh(now),
+            .zip(&fresh)
+            .map(|(item, fresh)| {
+                let state = match self.states.get(&(item.id, item.tag)) {
+                    Some(state) if item.algorithm.owns(state) => state,
+                    _ => fresh,
+                };
+                item.algorithm.check(state, now, item.cost)
             })
-            .collect();
-        let outcomes: Vec<Outcome> = items
-            .iter()
-            .zip(&mut states)
-            .map(|(item, state)| item.algorithm.check(state, now, item.cost))
-            .collect();
+            .unzip();
         let admitted = items
             .iter()
             .zip(&outcomes)
             .all(|(item, outcome)| item.shadow || outcome.allowed);
-        for ((item, mut state), outcome) in items.iter().zip(states).zip(&outcomes) {
+        for ((item, rolled), outcome) in items.iter().zip(rolled).zip(&outcomes) {
             if admitted && outcome.allowed {
-                item.algorithm.commit(&mut state, now, item.cost);
-                self.states.insert((item.id, item.tag), state);
-            } else if matches!(state, State::Log(_)) {
-                // A denial writes nothing but the sliding log's trim.
-                self.states.insert((item.id, item.tag), state);
+                let state = self
+                    .states
+                    .entry((item.id, item.tag))
+                    .or_insert_with(|| item.algorithm.fresh(now));
+                if !item.algorithm.owns(state) {
+                    *state = item.algorithm.fresh(now);
+                }
+                rolled.commit(state);
+            } else if let Some(state) = self.states.get_mut(&(item.id, item.tag))
+                && item.algorithm.owns(state)
+            {
+                // A request not admitted writes nothing but the sliding log's trim.
+                rolled.tidy(state);
             }
         }
         Decision { admitted, outcomes }

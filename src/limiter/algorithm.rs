@@ -6,9 +6,10 @@
 //! (IEEE doubles) represent it exactly; `policy` validation guarantees the bounds.
 //!
 //! A decision has two phases, so that a request with several limits is all-or-nothing:
-//! [`Algorithm::check`] brings a state up to `now` (dropping what expired, which changes nothing
-//! observable) and says what admitting `cost` would do; [`Algorithm::commit`] applies it, and is
-//! called only when every limit of the request allowed.
+//! [`Algorithm::check`] reads a state and says what admitting `cost` at `now` would do, and what
+//! the state would then be (a [`Rolled`]); [`Rolled::commit`] writes it, and is called only when
+//! every limit of the request allowed. A request not admitted writes nothing but the sliding
+//! log's trim ([`Rolled::tidy`]), so no store copies a state to restore it.
 
 use std::collections::VecDeque;
 
@@ -74,6 +75,58 @@ pub struct Outcome {
     pub reset: Micros,
     /// µs until this request could be admitted; 0 when allowed.
     pub retry_after: Micros,
+}
+
+/// What an admission makes of a state, as [`Algorithm::check`] computed it: written by
+/// [`Rolled::commit`] only when every limit of the request allowed (governor's
+/// measure-and-replace, in two steps so that several limits can be all-or-nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use = "a check changes nothing until its Rolled is committed"]
+pub enum Rolled {
+    /// The limit rejected: nothing to write.
+    Nothing,
+    /// The whole new state.
+    State(State),
+    /// Sliding log: forget the `expired` oldest stamps, then add `first .. first + cost` (the
+    /// log is not copied to be checked). A denial carries the trim alone (`cost` 0).
+    Log {
+        expired: usize,
+        first: Micros,
+        cost: u64,
+    },
+}
+
+impl Rolled {
+    /// Applies an admitted request to the state it was checked against (or, for a key that
+    /// was absent, expired or of another algorithm, to anything: the state is replaced).
+    pub fn commit(self, state: &mut State) {
+        match self {
+            Rolled::Nothing => {}
+            Rolled::State(new) => *state = new,
+            Rolled::Log {
+                expired,
+                first,
+                cost,
+            } => {
+                if !matches!(state, State::Log(_)) {
+                    *state = State::Log(VecDeque::new());
+                }
+                if let State::Log(log) = state {
+                    log.drain(..expired.min(log.len()));
+                    log.extend(first..first + cost);
+                }
+            }
+        }
+    }
+
+    /// What a request that was not admitted still leaves in a live state: the sliding log
+    /// forgets the stamps that left its window (as the script's ZREMRANGEBYSCORE does, which
+    /// shows once a clock steps back); every other state stays as it was.
+    pub fn tidy(self, state: &mut State) {
+        if let (Rolled::Log { expired, .. }, State::Log(log)) = (self, state) {
+            log.drain(..expired.min(log.len()));
+        }
+    }
 }
 
 fn div_ceil(a: u64, b: u64) -> u64 {
@@ -145,103 +198,113 @@ impl Algorithm {
         )
     }
 
-    /// Brings `state` up to `now` and says whether `cost` units fit. Changes to `state` made here
-    /// prepare the commit (windows rolled, bucket refilled, expired log entries dropped). A
-    /// store keeps them only for an admitted request, except the sliding log's trim, which
-    /// changes no decision: after a denial the state stays as it was, as in the Lua scripts
-    /// (which matters when a clock steps back).
-    pub fn check(&self, state: &mut State, now: Micros, cost: u64) -> Outcome {
+    /// Says whether `cost` units fit in `state` at `now`, and what the state becomes if the
+    /// request is admitted: the state rolled up to `now` (windows moved on, bucket refilled,
+    /// expired log entries gone) with `cost` charged. Pure: `state` is only read. The store
+    /// hands the [`Rolled`] to [`Rolled::commit`] when the whole request is admitted, else to
+    /// [`Rolled::tidy`], which keeps the state as it was but for the sliding log's trim — as the
+    /// Lua scripts write a state only on admission (what matters when a clock steps back).
+    pub fn check(&self, state: &State, now: Micros, cost: u64) -> (Outcome, Rolled) {
         match (*self, state) {
-            (Algorithm::FixedWindow { quota, window }, State::Window { index, count }) => {
+            (Algorithm::FixedWindow { quota, window }, &State::Window { index, count }) => {
                 // A clock that stepped back keeps counting in the newest window seen.
-                let current = (now / window).max(*index);
-                if current != *index {
-                    *index = current;
-                    *count = 0;
-                }
+                let current = (now / window).max(index);
+                let count = if current == index { count } else { 0 };
                 let end = (current + 1) * window;
                 let reset = end.saturating_sub(now);
-                if *count + cost <= quota {
-                    Outcome {
+                if count + cost <= quota {
+                    let outcome = Outcome {
                         allowed: true,
-                        remaining: quota - *count - cost,
+                        remaining: quota - count - cost,
                         reset,
                         retry_after: 0,
-                    }
+                    };
+                    let rolled = State::Window {
+                        index: current,
+                        count: count + cost,
+                    };
+                    (outcome, Rolled::State(rolled))
                 } else {
-                    Outcome {
+                    let outcome = Outcome {
                         allowed: false,
-                        remaining: quota.saturating_sub(*count),
+                        remaining: quota.saturating_sub(count),
                         reset,
                         retry_after: reset,
-                    }
+                    };
+                    (outcome, Rolled::Nothing)
                 }
             }
             (
                 Algorithm::SlidingWindow { quota, window },
-                State::TwoWindows {
+                &State::TwoWindows {
                     index,
                     current,
                     previous,
                 },
             ) => {
-                let idx = (now / window).max(*index);
-                if idx == *index + 1 {
-                    *previous = *current;
-                    *current = 0;
-                } else if idx != *index {
-                    *previous = 0;
-                    *current = 0;
-                }
-                *index = idx;
+                let idx = (now / window).max(index);
+                let (current, previous) = if idx == index {
+                    (current, previous)
+                } else if idx == index + 1 {
+                    (0, current)
+                } else {
+                    (0, 0)
+                };
                 let start = idx * window;
                 let elapsed = now.saturating_sub(start).min(window);
-                let weighted = if *previous > 0 {
-                    lua_mul_div_ceil(*previous, window - elapsed, window)
+                let weighted = if previous > 0 {
+                    lua_mul_div_ceil(previous, window - elapsed, window)
                 } else {
                     0
                 };
-                let estimate = weighted + *current;
+                let estimate = weighted + current;
                 if estimate + cost <= quota {
-                    Outcome {
+                    let outcome = Outcome {
                         allowed: true,
                         remaining: quota - estimate - cost,
                         // After the commit the current window holds units: they weigh on the
                         // estimate until the end of the next window.
                         reset: (start + 2 * window).saturating_sub(now),
                         retry_after: 0,
-                    }
+                    };
+                    let rolled = State::TwoWindows {
+                        index: idx,
+                        current: current + cost,
+                        previous,
+                    };
+                    (outcome, Rolled::State(rolled))
                 } else {
-                    let reset = if *current > 0 {
+                    let reset = if current > 0 {
                         (start + 2 * window).saturating_sub(now)
-                    } else if *previous > 0 {
+                    } else if previous > 0 {
                         (start + window).saturating_sub(now)
                     } else {
                         0
                     };
                     // Units the weighted previous window may still hold for `cost` to fit now.
-                    let retry_after = if quota >= cost + *current && *previous > 0 {
-                        let room = quota - cost - *current;
+                    let retry_after = if quota >= cost + current && previous > 0 {
+                        let room = quota - cost - current;
                         // Smallest elapsed e with ceil(previous * (window - e) / window) <= room.
-                        let earliest = window - lua_mul_div_floor(room, window, *previous);
+                        let earliest = window - lua_mul_div_floor(room, window, previous);
                         earliest.saturating_sub(elapsed).max(1)
                     } else {
                         // Wait for the next window, where this window's count becomes the
                         // weighted previous one and the current count starts from zero.
                         let room = quota - cost;
-                        let earliest = if *current > 0 {
-                            window - lua_mul_div_floor(room, window, *current).min(window)
+                        let earliest = if current > 0 {
+                            window - lua_mul_div_floor(room, window, current).min(window)
                         } else {
                             0
                         };
                         (window - elapsed) + earliest
                     };
-                    Outcome {
+                    let outcome = Outcome {
                         allowed: false,
                         remaining: quota.saturating_sub(estimate),
                         reset,
                         retry_after,
-                    }
+                    };
+                    (outcome, Rolled::Nothing)
                 }
             }
             (Algorithm::SlidingLog { quota, window }, State::Log(log)) => {
@@ -250,33 +313,47 @@ impl Algorithm {
                     None => now,
                 };
                 let cutoff = base.saturating_sub(window);
-                while log.front().is_some_and(|&t| t <= cutoff) {
-                    log.pop_front();
-                }
-                let count = log.len() as u64;
+                // The oldest entries that left the window: dropped by the commit, counted out
+                // here.
+                let expired = log.iter().take_while(|&&t| t <= cutoff).count();
+                let count = (log.len() - expired) as u64;
                 if count + cost <= quota {
                     let first = match log.back() {
-                        Some(&newest) => base.max(newest + 1),
-                        None => base,
+                        Some(&newest) if expired < log.len() => base.max(newest + 1),
+                        _ => base,
                     };
                     let last = first + cost - 1;
-                    Outcome {
+                    let outcome = Outcome {
                         allowed: true,
                         remaining: quota - count - cost,
                         reset: last + window - now,
                         retry_after: 0,
-                    }
+                    };
+                    (
+                        outcome,
+                        Rolled::Log {
+                            expired,
+                            first,
+                            cost,
+                        },
+                    )
                 } else {
-                    // The unit that must expire before `cost` fits: the j-th oldest.
+                    // The unit that must expire before `cost` fits: the j-th oldest still in.
                     let j = (count + cost - quota) as usize;
-                    let oldest_needed = log[j - 1];
+                    let oldest_needed = log[expired + j - 1];
                     let newest = *log.back().expect("a denied log is not empty");
-                    Outcome {
+                    let outcome = Outcome {
                         allowed: false,
                         remaining: quota.saturating_sub(count),
                         reset: newest + window - now,
                         retry_after: oldest_needed + window - now,
-                    }
+                    };
+                    let trim = Rolled::Log {
+                        expired,
+                        first: 0,
+                        cost: 0,
+                    };
+                    (outcome, trim)
                 }
             }
             (
@@ -285,7 +362,7 @@ impl Algorithm {
                     refill,
                     unit,
                 },
-                State::Bucket {
+                &State::Bucket {
                     level,
                     last,
                     burst: was_burst,
@@ -294,109 +371,100 @@ impl Algorithm {
                 },
             ) => {
                 let capacity = burst * unit;
-                let base = now.max(*last);
-                if (*was_burst, *was_refill, *was_unit) != (burst, refill, unit) {
+                let base = now.max(last);
+                let (level, last) = if (was_burst, was_refill, was_unit) != (burst, refill, unit) {
                     // Written under other parameters (a reload changed N or burst). The store
                     // cannot know when the reload happened, so the state is first brought to
                     // `base` under the parameters that wrote it, as its TTL was; then its tokens
                     // carry over (rounded down), at most the new burst. A bucket that was full
                     // is full (as an expired key would be).
-                    let was_capacity = *was_burst * *was_unit;
-                    let then = refilled(*level, base - *last, was_capacity, *was_refill);
-                    *level = if then >= was_capacity {
+                    let was_capacity = was_burst * was_unit;
+                    let then = refilled(level, base - last, was_capacity, was_refill);
+                    let level = if then >= was_capacity {
                         capacity
-                    } else if *was_unit == unit {
+                    } else if was_unit == unit {
                         then.min(capacity)
                     } else {
-                        lua_mul_div_floor(then, unit, *was_unit).min(capacity)
+                        lua_mul_div_floor(then, unit, was_unit).min(capacity)
                     };
-                    *last = base;
-                    (*was_burst, *was_refill, *was_unit) = (burst, refill, unit);
-                }
-                *level = refilled(*level, base - *last, capacity, refill);
-                *last = base;
+                    (level, base)
+                } else {
+                    (level, last)
+                };
+                let level = refilled(level, base - last, capacity, refill);
                 let need = cost * unit;
-                if *level >= need {
-                    let after = *level - need;
-                    Outcome {
+                if level >= need {
+                    let after = level - need;
+                    let outcome = Outcome {
                         allowed: true,
                         remaining: after / unit,
                         reset: div_ceil(capacity - after, refill),
                         retry_after: 0,
-                    }
+                    };
+                    let rolled = State::Bucket {
+                        level: after,
+                        last: base,
+                        burst,
+                        refill,
+                        unit,
+                    };
+                    (outcome, Rolled::State(rolled))
                 } else {
-                    Outcome {
+                    let outcome = Outcome {
                         allowed: false,
-                        remaining: *level / unit,
-                        reset: div_ceil(capacity - *level, refill),
-                        retry_after: div_ceil(need - *level, refill),
-                    }
+                        remaining: level / unit,
+                        reset: div_ceil(capacity - level, refill),
+                        retry_after: div_ceil(need - level, refill),
+                    };
+                    (outcome, Rolled::Nothing)
                 }
             }
             (
                 Algorithm::Gcra { burst, interval },
-                State::Tat {
+                &State::Tat {
                     tat,
                     interval: was_interval,
                 },
             ) => {
                 let tolerance = burst * interval;
-                if *was_interval != interval && *tat > now {
+                let tat = if was_interval != interval && tat > now {
                     // Written under another N. The TAT moved at the old rate until now; what it
                     // still holds is a number of cells used, which carries over (rounded up, in
                     // doubles as Lua computes it), at most a whole burst.
-                    let used = lua_mul_div_ceil(*tat - now, interval, *was_interval);
-                    *tat = now + used.min(tolerance);
-                }
-                *was_interval = interval;
-                let start = (*tat).max(now);
+                    let used = lua_mul_div_ceil(tat - now, interval, was_interval);
+                    now + used.min(tolerance)
+                } else {
+                    tat
+                };
+                let start = tat.max(now);
                 let next = start + cost * interval;
                 if next - now <= tolerance {
-                    Outcome {
+                    let outcome = Outcome {
                         allowed: true,
                         remaining: (tolerance - (next - now)) / interval,
                         reset: next - now,
                         retry_after: 0,
-                    }
+                    };
+                    let rolled = State::Tat {
+                        tat: next,
+                        interval,
+                    };
+                    (outcome, Rolled::State(rolled))
                 } else {
-                    Outcome {
+                    let outcome = Outcome {
                         allowed: false,
                         remaining: tolerance.saturating_sub(start - now) / interval,
                         reset: start - now,
                         retry_after: next - now - tolerance,
-                    }
+                    };
+                    (outcome, Rolled::Nothing)
                 }
             }
-            (alg, state) => {
-                // A state of another algorithm (the limit changed algorithm on reload): start
-                // afresh, then decide.
-                *state = alg.fresh(now);
-                alg.check(state, now, cost)
+            (alg, _) => {
+                // A state of another algorithm (the limit changed algorithm on reload): decide
+                // as on a fresh state (the commit replaces the foreign one).
+                alg.check(&alg.fresh(now), now, cost)
             }
-        }
-    }
-
-    /// Applies an admitted request to a state that [`Algorithm::check`] has just brought to `now`.
-    pub fn commit(&self, state: &mut State, now: Micros, cost: u64) {
-        match (*self, state) {
-            (Algorithm::FixedWindow { .. }, State::Window { count, .. }) => *count += cost,
-            (Algorithm::SlidingWindow { .. }, State::TwoWindows { current, .. }) => {
-                *current += cost
-            }
-            (Algorithm::SlidingLog { .. }, State::Log(log)) => {
-                let first = match log.back() {
-                    Some(&newest) => now.max(newest + 1),
-                    None => now,
-                };
-                log.extend(first..first + cost);
-            }
-            (Algorithm::TokenBucket { unit, .. }, State::Bucket { level, .. }) => {
-                *level -= cost * unit;
-            }
-            (Algorithm::Gcra { interval, .. }, State::Tat { tat, .. }) => {
-                *tat = (*tat).max(now) + cost * interval;
-            }
-            _ => unreachable!("commit follows a check of the same algorithm"),
         }
     }
 
@@ -449,9 +517,11 @@ mod tests {
 
     /// Runs one request through check + commit, as a store would.
     fn hit(alg: &Algorithm, state: &mut State, now: Micros, cost: u64) -> Outcome {
-        let outcome = alg.check(state, now, cost);
+        let (outcome, rolled) = alg.check(state, now, cost);
         if outcome.allowed {
-            alg.commit(state, now, cost);
+            rolled.commit(state);
+        } else {
+            rolled.tidy(state);
         }
         outcome
     }
@@ -669,11 +739,11 @@ mod tests {
             for _ in 0..3 {
                 hit(&alg, &mut s, T0, 1);
             }
-            let before = alg.check(&mut s.clone(), T0 + 10, 1);
+            let before = alg.check(&s, T0 + 10, 1).0;
             for _ in 0..5 {
                 assert!(!hit(&alg, &mut s, T0 + 10, 1).allowed, "{alg:?}");
             }
-            assert_eq!(alg.check(&mut s, T0 + 10, 1), before, "{alg:?}");
+            assert_eq!(alg.check(&s, T0 + 10, 1).0, before, "{alg:?}");
         }
     }
 

@@ -3,9 +3,14 @@
 //! a single probe through; the probe's success closes it, its failure doubles the back-off (up
 //! to a ceiling). A long outage thus costs no waiting requests, no piled-up connection attempts
 //! and no memory, and recovery takes at most one back-off after the store returns.
+//!
+//! [`call`] is the limiter's third layer: every store call goes through it, under the breaker of
+//! the call's keys and the store timeout.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use super::{Decision, Item, Limiter, StoreError};
 
 /// Consecutive failures that open the circuit.
 const THRESHOLD: u32 = 5;
@@ -153,6 +158,55 @@ impl Breaker {
             );
         }
     }
+}
+
+/// The breaker layer: one store decision for `items`, refused at once while the breaker of
+/// their keys is open, bounded by the limiter's timeout; its duration, errors and the open
+/// breakers go to the metrics. Also returns when the store was asked (retry-afters count from
+/// then).
+pub(super) async fn call(
+    limiter: &Limiter,
+    items: &[Item],
+) -> (Result<Decision, StoreError>, Instant) {
+    let asked = Instant::now();
+    let breaker = items.first().and_then(|i| limiter.store.breaker(&i.tag));
+    let probe = match breaker.map(|b| b.admit()) {
+        None | Some(Admission::Call) => None,
+        Some(Admission::Probe(guard)) => Some(guard),
+        Some(Admission::Open) => {
+            limiter.record_error(&StoreError::CircuitOpen);
+            return (Err(StoreError::CircuitOpen), asked);
+        }
+    };
+    let asked = Instant::now();
+    let result =
+        match tokio::time::timeout(limiter.timeout, limiter.store.decide(items, None)).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(limiter.timeout)),
+        };
+    limiter
+        .metrics
+        .store_duration
+        .observe(asked.elapsed().as_secs_f64());
+    if let Some(b) = breaker {
+        match &result {
+            Ok(_) => {
+                if b.success(probe) {
+                    // One group of slots answers again: let the others probe now too.
+                    limiter.store.nudge_breakers();
+                }
+            }
+            Err(_) => b.failure(probe),
+        }
+        limiter
+            .metrics
+            .circuit_open
+            .set(limiter.store.open_breakers() as i64);
+    }
+    if let Err(e) = &result {
+        limiter.record_error(e);
+    }
+    (result, asked)
 }
 
 #[cfg(test)]

@@ -4,14 +4,11 @@
 //! limit), and other replicas' requests can only push it further. Kept per loaded policy (a
 //! reload starts empty) and bounded in size.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::algorithm::Outcome;
+use super::shards::{Expires, Hashed, Shards};
 use super::{Decision, Item};
-use crate::identity::Tag;
 
 const SHARDS: usize = 16;
 /// Entries at most; beyond it new denials are not cached (the store still decides them).
@@ -23,24 +20,23 @@ struct Denial {
     reset_at: Instant,
 }
 
-type Shard = HashMap<(u64, Tag), Denial>;
+impl Expires for Denial {
+    type Time = Instant;
+    fn live_at(&self, now: Instant) -> bool {
+        self.retry_at > now
+    }
+}
 
 pub struct DenyCache {
-    shards: Vec<Mutex<Shard>>,
-    len: AtomicUsize,
+    map: Shards<Denial>,
 }
 
 impl Default for DenyCache {
     fn default() -> Self {
         DenyCache {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            len: AtomicUsize::new(0),
+            map: Shards::new(SHARDS),
         }
     }
-}
-
-fn shard(id: u64, tag: &Tag) -> usize {
-    ((id ^ u64::from(tag[0])) % SHARDS as u64) as usize
 }
 
 fn micros(d: Duration) -> u64 {
@@ -48,28 +44,23 @@ fn micros(d: Duration) -> u64 {
 }
 
 impl DenyCache {
-    fn lock(&self, i: usize) -> std::sync::MutexGuard<'_, Shard> {
-        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A rejection for `items` if an enforced one is known to be over its limit right now.
-    pub fn check(&self, items: &[Item]) -> Option<Decision> {
-        if self.len.load(Ordering::Relaxed) == 0 {
+    /// A rejection for `items` if an enforced one is known to be over its limit at `now`.
+    pub fn check(&self, items: &[Item], now: Instant) -> Option<Decision> {
+        if self.map.is_empty() {
             return None;
         }
-        let now = Instant::now();
         let mut denied: Vec<Option<Denial>> = Vec::with_capacity(items.len());
         let mut any = false;
         for item in items {
             let found = if item.shadow {
                 None
             } else {
-                let mut map = self.lock(shard(item.id, &item.tag));
-                match map.get(&(item.id, item.tag)) {
+                let key = Hashed::new(item.id, item.tag);
+                let mut map = self.map.lock(&key);
+                match map.get(&key) {
                     Some(d) if d.retry_at > now => Some(*d),
                     Some(_) => {
-                        map.remove(&(item.id, item.tag));
-                        self.len.fetch_sub(1, Ordering::Relaxed);
+                        map.remove(&key);
                         None
                     }
                     None => None,
@@ -117,9 +108,10 @@ impl DenyCache {
             if item.shadow || o.allowed || o.retry_after == 0 {
                 continue;
             }
-            if self.len.load(Ordering::Relaxed) >= MAX_ENTRIES {
-                self.sweep();
-                if self.len.load(Ordering::Relaxed) >= MAX_ENTRIES {
+            if self.map.len() >= MAX_ENTRIES {
+                // Entries whose retry-after passed by the time of this answer are gone.
+                self.map.retain(asked);
+                if self.map.len() >= MAX_ENTRIES {
                     return;
                 }
             }
@@ -127,28 +119,13 @@ impl DenyCache {
                 retry_at: asked + Duration::from_micros(o.retry_after),
                 reset_at: asked + Duration::from_micros(o.reset),
             };
-            if self
-                .lock(shard(item.id, &item.tag))
-                .insert((item.id, item.tag), denial)
-                .is_none()
-            {
-                self.len.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    fn sweep(&self) {
-        let now = Instant::now();
-        for i in 0..SHARDS {
-            let mut map = self.lock(i);
-            let before = map.len();
-            map.retain(|_, d| d.retry_at > now);
-            self.len.fetch_sub(before - map.len(), Ordering::Relaxed);
+            let key = Hashed::new(item.id, item.tag);
+            self.map.lock(&key).insert(key, denial);
         }
     }
 
     pub fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+        self.map.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -187,8 +164,9 @@ mod tests {
     #[test]
     fn remembers_a_rejection_until_its_retry_after() {
         let cache = DenyCache::default();
+        let t0 = Instant::now();
         let items = [item(1, false), item(2, false)];
-        assert!(cache.check(&items).is_none());
+        assert!(cache.check(&items, t0).is_none());
         let d = Decision {
             admitted: false,
             outcomes: vec![
@@ -201,19 +179,20 @@ mod tests {
                 denial(200_000),
             ],
         };
-        cache.remember(&items, &d, Instant::now());
+        cache.remember(&items, &d, t0);
         assert_eq!(cache.len(), 1, "only the rejecting limit");
-        let local = cache.check(&items).expect("rejected locally");
+        let local = cache.check(&items, t0).expect("rejected locally");
         assert!(!local.admitted);
         assert!(!local.outcomes[1].allowed);
         assert!(local.outcomes[1].retry_after <= 200_000 && local.outcomes[1].retry_after > 0);
         assert!(
-            cache.check(&items[..1]).is_none(),
+            cache.check(&items[..1], t0).is_none(),
             "other limits are not affected"
         );
-        std::thread::sleep(Duration::from_millis(210));
         assert!(
-            cache.check(&items).is_none(),
+            cache
+                .check(&items, t0 + Duration::from_millis(210))
+                .is_none(),
             "forgotten after the retry-after"
         );
         assert_eq!(cache.len(), 0);
@@ -222,17 +201,18 @@ mod tests {
     #[test]
     fn shadow_limits_and_admissions_are_never_cached() {
         let cache = DenyCache::default();
+        let t0 = Instant::now();
         let items = [item(1, true)];
         let d = Decision {
             admitted: true,
             outcomes: vec![denial(1_000_000)],
         };
-        cache.remember(&items, &d, Instant::now());
+        cache.remember(&items, &d, t0);
         let d = Decision {
             admitted: false,
             outcomes: vec![denial(1_000_000)],
         };
-        cache.remember(&items, &d, Instant::now());
+        cache.remember(&items, &d, t0);
         assert!(cache.is_empty());
     }
 }

@@ -8,16 +8,19 @@
 //! for the sliding algorithms, and after at most [`MAX_LEASE`] in any case. The bounds, per limit and identity: at most
 //! N x replicas admitted beyond the limit in any window (units taken in one window and spent
 //! in the next), and at most N x replicas fewer (leases that expire unspent).
+//!
+//! The limiter's second layer: [`Leases::decide`] spends, fetches and tops up leases, asking the
+//! layers below (breaker, store) through the limiter.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::algorithm::{Algorithm, Micros, Outcome};
-use super::{Decision, Item};
+use super::shards::{Expires, Hashed, Shards};
+use super::{Decision, Item, Limiter, StoreError};
 use crate::identity::Tag;
 
 /// The longest a lease lives when its window does not end sooner.
@@ -34,12 +37,16 @@ struct Lease {
     expires: Instant,
 }
 
-type Shard = HashMap<(u64, Tag), Lease>;
+impl Expires for Lease {
+    type Time = Instant;
+    fn live_at(&self, now: Instant) -> bool {
+        self.expires > now
+    }
+}
 
 /// Leases held by this replica.
 pub struct Leases {
-    shards: Vec<Mutex<Shard>>,
-    len: AtomicUsize,
+    map: Shards<Lease>,
     /// Limits and identities with a lease request under way, and who waits for it: one batch
     /// in flight per key and replica, so a burst of requests does not take many batches at
     /// once (which would leave that many units unspent when the limit runs out).
@@ -49,8 +56,7 @@ pub struct Leases {
 impl Default for Leases {
     fn default() -> Self {
         Leases {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            len: AtomicUsize::new(0),
+            map: Shards::new(SHARDS),
             fetching: Mutex::new(HashMap::new()),
         }
     }
@@ -84,8 +90,8 @@ pub enum Claim<'a> {
     Wait(tokio::sync::futures::OwnedNotified),
 }
 
-fn shard(item: &Item) -> usize {
-    ((item.id ^ u64::from(item.tag[1])) % SHARDS as u64) as usize
+fn key(item: &Item) -> Hashed {
+    Hashed::new(item.id, item.tag)
 }
 
 fn micros(d: Duration) -> Micros {
@@ -93,14 +99,12 @@ fn micros(d: Duration) -> Micros {
 }
 
 impl Leases {
-    fn lock(&self, i: usize) -> std::sync::MutexGuard<'_, Shard> {
-        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Units this replica holds for `item` right now.
+    /// Units this replica holds for `item` at `now`.
     pub fn available(&self, item: &Item, now: Instant) -> u64 {
-        self.lock(shard(item))
-            .get(&(item.id, item.tag))
+        let key = key(item);
+        self.map
+            .lock(&key)
+            .get(&key)
             .filter(|l| l.expires > now)
             .map_or(0, |l| l.units)
     }
@@ -128,16 +132,14 @@ impl Leases {
 
     /// The items whose lease is down to less than half a batch: worth refilling before it
     /// runs out, so that requests do not wait for a fetch.
-    pub fn low(&self, items: &[Item]) -> Vec<usize> {
-        let now = Instant::now();
+    pub fn low(&self, items: &[Item], now: Instant) -> Vec<usize> {
         (0..items.len())
             .filter(|&i| self.available(&items[i], now) * 2 < items[i].batch)
             .collect()
     }
 
     /// The items whose lease cannot cover their cost.
-    pub fn short(&self, items: &[Item]) -> Vec<usize> {
-        let now = Instant::now();
+    pub fn short(&self, items: &[Item], now: Instant) -> Vec<usize> {
         (0..items.len())
             .filter(|&i| self.available(&items[i], now) < items[i].cost)
             .collect()
@@ -157,8 +159,11 @@ impl Leases {
             Algorithm::TokenBucket { .. } | Algorithm::Gcra { .. } => MAX_LEASE,
         };
         let expires = asked + life.min(MAX_LEASE);
-        let mut map = self.lock(shard(item));
-        let key = (item.id, item.tag);
+        let key = key(item);
+        if self.map.len() >= MAX_ENTRIES {
+            self.map.retain(asked);
+        }
+        let mut map = self.map.lock(&key);
         match map.get_mut(&key) {
             Some(l) if l.expires > asked => {
                 l.units += units;
@@ -167,52 +172,35 @@ impl Leases {
                 l.expires = l.expires.min(expires);
             }
             _ => {
-                if self.len.load(Ordering::Relaxed) >= MAX_ENTRIES {
-                    let now = Instant::now();
-                    let before = map.len();
-                    map.retain(|_, l| l.expires > now);
-                    self.len.fetch_sub(before - map.len(), Ordering::Relaxed);
-                }
-                if map
-                    .insert(
-                        key,
-                        Lease {
-                            units,
-                            store_remaining: outcome.remaining,
-                            reset_at,
-                            expires,
-                        },
-                    )
-                    .is_none()
-                {
-                    self.len.fetch_add(1, Ordering::Relaxed);
-                }
+                map.insert(
+                    key,
+                    Lease {
+                        units,
+                        store_remaining: outcome.remaining,
+                        reset_at,
+                        expires,
+                    },
+                );
             }
         }
     }
 
     /// Spends each item's cost from its lease, all or nothing: the admitted decision, or None
     /// when some lease cannot cover its item (then nothing is spent).
-    pub fn spend(&self, items: &[Item]) -> Option<Decision> {
-        let now = Instant::now();
-        let mut order: Vec<usize> = items.iter().map(shard).collect();
-        order.sort_unstable();
-        order.dedup();
-        let mut guards: Vec<(usize, std::sync::MutexGuard<'_, Shard>)> =
-            order.iter().map(|&i| (i, self.lock(i))).collect();
-        let find = |s: usize| order.binary_search(&s).expect("locked");
-        for item in items {
-            let map = &guards[find(shard(item))].1;
-            match map.get(&(item.id, item.tag)) {
+    pub fn spend(&self, items: &[Item], now: Instant) -> Option<Decision> {
+        let keys: Vec<Hashed> = items.iter().map(key).collect();
+        let mut locked = self.map.lock_all(&keys);
+        for (item, key) in items.iter().zip(&keys) {
+            match locked.get(key) {
                 Some(l) if l.expires > now && l.units >= item.cost => {}
                 _ => return None,
             }
         }
         let outcomes = items
             .iter()
-            .map(|item| {
-                let map = &mut guards[find(shard(item))].1;
-                let lease = map.get_mut(&(item.id, item.tag)).expect("checked");
+            .zip(&keys)
+            .map(|(item, key)| {
+                let lease = locked.shard(key).get_mut(key).expect("checked");
                 lease.units -= item.cost;
                 Outcome {
                     allowed: true,
@@ -228,8 +216,106 @@ impl Leases {
         })
     }
 
+    /// Approximate mode: spend from this replica's leases; ask the store only for the limits
+    /// whose lease ran out (one request per key at a time, the others wait for its result),
+    /// for a whole batch or, near the limit, just this request's cost.
+    pub(super) async fn decide(
+        &self,
+        limiter: &Limiter,
+        items: &[Item],
+    ) -> Result<Decision, StoreError> {
+        for _ in 0..4 {
+            if let Some(decision) = self.spend(items, Instant::now()) {
+                limiter.metrics.leased.inc();
+                self.refill_low(limiter, items).await;
+                return Ok(decision);
+            }
+            let short = self.short(items, Instant::now());
+            let fetch = match self.claim(items, &short) {
+                Claim::Fetch(fetch) => fetch,
+                Claim::Wait(done) => {
+                    // Bounded like any decision; then look at the leases again.
+                    let _ = tokio::time::timeout(limiter.timeout, done).await;
+                    continue;
+                }
+            };
+            for whole_batch in [true, false] {
+                let asking: Vec<Item> = short
+                    .iter()
+                    .map(|&i| Item {
+                        cost: if whole_batch {
+                            items[i].batch.max(items[i].cost)
+                        } else {
+                            items[i].cost
+                        },
+                        ..items[i]
+                    })
+                    .collect();
+                let asked = Instant::now();
+                let decision = limiter.ask_store(&asking).await?;
+                if decision.admitted {
+                    for ((item, outcome), &i) in asking.iter().zip(&decision.outcomes).zip(&short) {
+                        if outcome.allowed {
+                            self.grant(&items[i], item.cost, outcome, asked);
+                        }
+                    }
+                    break;
+                }
+                if !whole_batch {
+                    // Rejected for this request's own cost: the request is rejected.
+                    let mut outcomes: Vec<Outcome> = items
+                        .iter()
+                        .map(|i| Outcome {
+                            allowed: true,
+                            remaining: i.algorithm.quota(),
+                            reset: 0,
+                            retry_after: 0,
+                        })
+                        .collect();
+                    for (&i, o) in short.iter().zip(&decision.outcomes) {
+                        outcomes[i] = *o;
+                    }
+                    return Ok(Decision::from_outcomes(items, outcomes));
+                }
+            }
+            drop(fetch);
+        }
+        // Concurrent spenders kept winning the fresh units: decide this request exactly.
+        limiter.ask_store(items).await
+    }
+
+    /// Tops up leases that are running low while they still cover other requests (this request
+    /// is decided already; it only carries the fetch). A rejected top-up changes nothing.
+    async fn refill_low(&self, limiter: &Limiter, items: &[Item]) {
+        let low = self.low(items, Instant::now());
+        if low.is_empty() {
+            return;
+        }
+        let Claim::Fetch(fetch) = self.claim(items, &low) else {
+            return;
+        };
+        // Up to a whole batch, never more: a replica holds at most `batch` units of a key.
+        let now = Instant::now();
+        let asking: Vec<Item> = low
+            .iter()
+            .map(|&i| Item {
+                cost: items[i].batch - self.available(&items[i], now),
+                ..items[i]
+            })
+            .collect();
+        let asked = Instant::now();
+        if let Ok(decision) = limiter.ask_store(&asking).await
+            && decision.admitted
+        {
+            for ((item, outcome), &i) in asking.iter().zip(&decision.outcomes).zip(&low) {
+                self.grant(&items[i], item.cost, outcome, asked);
+            }
+        }
+        drop(fetch);
+    }
+
     pub fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+        self.map.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -268,43 +354,51 @@ mod tests {
     #[test]
     fn a_lease_is_spent_down_then_asked_again() {
         let leases = Leases::default();
+        let t0 = Instant::now();
         let items = [item(1, 3)];
-        assert_eq!(leases.short(&items), [0]);
-        leases.grant(&items[0], 10, &granted(90, 60_000_000), Instant::now());
+        assert_eq!(leases.short(&items, t0), [0]);
+        leases.grant(&items[0], 10, &granted(90, 60_000_000), t0);
         for left in [97, 94, 91] {
-            let d = leases.spend(&items).expect("covered by the lease");
+            let d = leases.spend(&items, t0).expect("covered by the lease");
             assert!(d.admitted);
             assert_eq!(d.outcomes[0].remaining, left);
         }
-        assert!(leases.spend(&items).is_none(), "1 unit left, cost 3");
-        assert_eq!(leases.short(&items), [0]);
+        assert!(leases.spend(&items, t0).is_none(), "1 unit left, cost 3");
+        assert_eq!(leases.short(&items, t0), [0]);
     }
 
     #[test]
     fn all_or_nothing_across_limits() {
         let leases = Leases::default();
+        let t0 = Instant::now();
         let items = [item(1, 1), item(2, 1)];
-        leases.grant(&items[0], 5, &granted(0, 60_000_000), Instant::now());
-        assert!(leases.spend(&items).is_none());
-        assert_eq!(leases.short(&items), [1]);
-        leases.grant(&items[1], 1, &granted(0, 60_000_000), Instant::now());
-        assert!(leases.spend(&items).is_some());
+        leases.grant(&items[0], 5, &granted(0, 60_000_000), t0);
+        assert!(leases.spend(&items, t0).is_none());
+        assert_eq!(leases.short(&items, t0), [1]);
+        leases.grant(&items[1], 1, &granted(0, 60_000_000), t0);
+        assert!(leases.spend(&items, t0).is_some());
         assert!(
-            leases.spend(&items).is_none(),
+            leases.spend(&items, t0).is_none(),
             "the second lease is used up"
         );
-        assert_eq!(leases.short(&items), [1], "and the first kept its units");
+        assert_eq!(
+            leases.short(&items, t0),
+            [1],
+            "and the first kept its units"
+        );
     }
 
     #[test]
     fn a_lease_ends_with_its_window() {
         let leases = Leases::default();
+        let t0 = Instant::now();
         let items = [item(1, 1)];
-        leases.grant(&items[0], 10, &granted(0, 30_000), Instant::now());
-        assert!(leases.spend(&items).is_some());
-        std::thread::sleep(Duration::from_millis(40));
+        leases.grant(&items[0], 10, &granted(0, 30_000), t0);
+        assert!(leases.spend(&items, t0).is_some());
         assert!(
-            leases.spend(&items).is_none(),
+            leases
+                .spend(&items, t0 + Duration::from_millis(40))
+                .is_none(),
             "the window reset: the units are gone"
         );
     }

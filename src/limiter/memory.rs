@@ -1,52 +1,32 @@
 //! The embedded store (`backend = "memory"`): the algorithms of `algorithm.rs`, in process, for
-//! one tollgate instance. A sharded map from (limit id, identity) to state; each entry expires
+//! one tollgate instance. A [`Shards`] map from (limit id, identity) to state; each entry expires
 //! when its state is equivalent to a fresh one, a sweeper frees expired entries every second,
 //! and `max_keys` bounds the whole map.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::algorithm::{Micros, Outcome, State, TTL_SLACK};
+use super::algorithm::{Micros, Outcome, Rolled, State, TTL_SLACK};
+use super::shards::{Expires, Hashed, Shards};
 use super::{Decision, Item, StoreError, wall_clock};
-use crate::identity::Tag;
 
 const SHARDS: usize = 64;
-
-type Key = (u64, Tag);
 
 struct Entry {
     state: State,
     expires_at: Micros,
 }
 
-/// Keys are already uniform hashes (a blake3 tag and a blake3 id): mixing them is enough.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut buf = [0u8; 8];
-            buf[..chunk.len()].copy_from_slice(chunk);
-            self.0 = (self.0 ^ u64::from_le_bytes(buf)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+impl Expires for Entry {
+    type Time = Micros;
+    fn live_at(&self, now: Micros) -> bool {
+        self.expires_at > now
     }
 }
 
-type Shard = HashMap<Key, Entry, BuildHasherDefault<KeyHasher>>;
-
 struct Inner {
-    shards: Vec<Mutex<Shard>>,
-    len: AtomicUsize,
+    map: Shards<Entry>,
     max_keys: AtomicUsize,
     /// The newest `now` any decision used: the sweeper never expires past it, so a caller that
     /// supplies its own times (tests) is not overtaken by the wall clock.
@@ -59,22 +39,10 @@ pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
-fn shard_of(key: &Key) -> usize {
-    let t = u64::from_le_bytes(key.1[..8].try_into().expect("8 bytes"));
-    ((t ^ key.0) % SHARDS as u64) as usize
-}
-
-fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    // A panic while holding a shard cannot leave a state half-written (entries are replaced
-    // whole), so a poisoned lock is still safe to use.
-    shard.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl MemoryStore {
     pub fn new(max_keys: usize) -> MemoryStore {
         let inner = Arc::new(Inner {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            len: AtomicUsize::new(0),
+            map: Shards::new(SHARDS),
             max_keys: AtomicUsize::new(max_keys),
             latest: AtomicU64::new(0),
         });
@@ -89,155 +57,121 @@ impl MemoryStore {
         self.inner.max_keys.store(max_keys, Ordering::Relaxed);
     }
 
+    fn max_keys(&self) -> usize {
+        self.inner.max_keys.load(Ordering::Relaxed)
+    }
+
     /// Number of live keys (expired ones count until swept).
     pub fn len(&self) -> usize {
-        self.inner.len.load(Ordering::Relaxed)
+        self.inner.map.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Decides all items together: shards are locked in index order (no deadlock), every limit is
-    /// checked, and states are committed only when the request is admitted.
+    /// Decides all items together: their shards locked at once (in order, no deadlock), every
+    /// limit checked against its state as it is, and states written only when the request is
+    /// admitted.
     pub fn decide(&self, items: &[Item], now: Option<Micros>) -> Result<Decision, StoreError> {
         let now = now.unwrap_or_else(wall_clock);
         self.inner.latest.fetch_max(now, Ordering::Relaxed);
         if let [item] = items {
             return self.decide_one(item, now);
         }
-        let keys: Vec<Key> = items.iter().map(|i| (i.id, i.tag)).collect();
-        let mut order: Vec<usize> = keys.iter().map(shard_of).collect();
-        order.sort_unstable();
-        order.dedup();
-        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> = order
-            .iter()
-            .map(|&i| (i, lock(&self.inner.shards[i])))
-            .collect();
-        let guard_of = |shard: usize| order.binary_search(&shard).expect("locked");
+        let keys: Vec<Hashed> = items.iter().map(|i| Hashed::new(i.id, i.tag)).collect();
+        let mut locked = self.inner.map.lock_all(&keys);
 
-        // Take each state out (a route's limits may share a shard), decide, then put back.
-        // (state after check, its expiry, the state before check where a denial must restore it)
-        let mut taken: Vec<(State, Option<Micros>, Option<State>)> =
-            Vec::with_capacity(items.len());
+        // Per item: what admitting it writes, and whether its stored entry is live.
+        let mut rolled: Vec<(Rolled, bool)> = Vec::with_capacity(items.len());
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(items.len());
-        let mut existed = 0usize;
         let mut fresh = 0usize;
         for (item, key) in items.iter().zip(&keys) {
-            let map = &mut guards[guard_of(shard_of(key))].1;
-            let removed = map.remove(key);
-            existed += usize::from(removed.is_some());
-            let (mut state, expires_at) = match removed {
+            let (outcome, next, live) = match locked.get(key) {
                 Some(e) if e.expires_at > now && item.algorithm.owns(&e.state) => {
-                    (e.state, Some(e.expires_at))
+                    let (o, r) = item.algorithm.check(&e.state, now, item.cost);
+                    (o, r, true)
                 }
                 _ => {
                     fresh += 1;
-                    (item.algorithm.fresh(now), None)
+                    let (o, r) = item
+                        .algorithm
+                        .check(&item.algorithm.fresh(now), now, item.cost);
+                    (o, r, false)
                 }
             };
-            // A denial keeps the state as it was (as the scripts do), except the log's trim.
-            let before = match &state {
-                State::Log(_) => None,
-                other => Some(other.clone()),
-            };
-            outcomes.push(item.algorithm.check(&mut state, now, item.cost));
-            taken.push((state, expires_at, before));
+            outcomes.push(outcome);
+            rolled.push((next, live));
         }
         let decision = Decision::from_outcomes(items, outcomes);
-        let full = decision.admitted
-            && fresh > 0
-            && self.inner.len.load(Ordering::Relaxed) + fresh
-                > self.inner.max_keys.load(Ordering::Relaxed);
-        let mut stored = 0usize;
-        for ((item, key), ((mut state, expires_at, before), outcome)) in items
+        let full = decision.admitted && fresh > 0 && self.inner.map.len() + fresh > self.max_keys();
+        for ((item, key), ((next, live), outcome)) in items
             .iter()
             .zip(&keys)
-            .zip(taken.into_iter().zip(&decision.outcomes))
+            .zip(rolled.into_iter().zip(&decision.outcomes))
         {
-            let commit = decision.admitted && outcome.allowed && !full;
-            let expires_at = if commit {
-                item.algorithm.commit(&mut state, now, item.cost);
-                Some(now + item.algorithm.ttl(&state, now) + TTL_SLACK)
-            } else {
-                if let Some(before) = before {
-                    state = before;
+            let shard = locked.shard(key);
+            if decision.admitted && outcome.allowed && !full {
+                let entry = shard.get_or_insert_with(*key, || Entry {
+                    state: item.algorithm.fresh(now),
+                    expires_at: 0,
+                });
+                if !live {
+                    // Expired or another algorithm's: the commit starts from a fresh state.
+                    entry.state = item.algorithm.fresh(now);
                 }
-                expires_at
-            };
-            // A key that was not stored (or had expired) and did not change stays absent.
-            if let Some(expires_at) = expires_at {
-                guards[guard_of(shard_of(key))]
-                    .1
-                    .insert(*key, Entry { state, expires_at });
-                stored += 1;
+                next.commit(&mut entry.state);
+                entry.expires_at = now + item.algorithm.ttl(&entry.state, now) + TTL_SLACK;
+            } else if live {
+                if let Some(entry) = shard.get_mut(key) {
+                    next.tidy(&mut entry.state);
+                }
+            } else {
+                // An expired or foreign state that did not change: equivalent to absent.
+                shard.remove(key);
             }
         }
-        if stored >= existed {
-            self.inner
-                .len
-                .fetch_add(stored - existed, Ordering::Relaxed);
-        } else {
-            self.inner
-                .len
-                .fetch_sub(existed - stored, Ordering::Relaxed);
-        }
-        drop(guards);
+        drop(locked);
         if full {
-            return Err(StoreError::Full(
-                self.inner.max_keys.load(Ordering::Relaxed),
-            ));
+            return Err(StoreError::Full(self.max_keys()));
         }
         Ok(decision)
     }
 
-    /// The common case, one limit: one shard, the state updated in place, no bookkeeping.
+    /// The common case, one limit: one shard, the state updated in place.
     fn decide_one(&self, item: &Item, now: Micros) -> Result<Decision, StoreError> {
-        let key = (item.id, item.tag);
-        let mut map = lock(&self.inner.shards[shard_of(&key)]);
-        let outcome = match map.get_mut(&key) {
+        let key = Hashed::new(item.id, item.tag);
+        let mut shard = self.inner.map.lock(&key);
+        let outcome = match shard.get_mut(&key) {
             Some(entry) if entry.expires_at > now && item.algorithm.owns(&entry.state) => {
-                let before = match &entry.state {
-                    State::Log(_) => None,
-                    other => Some(other.clone()),
-                };
-                let outcome = item.algorithm.check(&mut entry.state, now, item.cost);
+                let (outcome, next) = item.algorithm.check(&entry.state, now, item.cost);
                 if outcome.allowed {
-                    item.algorithm.commit(&mut entry.state, now, item.cost);
+                    next.commit(&mut entry.state);
                     entry.expires_at = now + item.algorithm.ttl(&entry.state, now) + TTL_SLACK;
-                } else if let Some(before) = before {
-                    // A denial keeps the state as it was (as the scripts do).
-                    entry.state = before;
+                } else {
+                    next.tidy(&mut entry.state);
                 }
                 outcome
             }
             found => {
                 let existed = found.is_some();
                 let mut state = item.algorithm.fresh(now);
-                let outcome = item.algorithm.check(&mut state, now, item.cost);
+                let (outcome, next) = item.algorithm.check(&state, now, item.cost);
                 if outcome.allowed {
-                    if !existed
-                        && self.inner.len.load(Ordering::Relaxed)
-                            >= self.inner.max_keys.load(Ordering::Relaxed)
-                    {
-                        return Err(StoreError::Full(
-                            self.inner.max_keys.load(Ordering::Relaxed),
-                        ));
+                    if !existed && self.inner.map.len() >= self.max_keys() {
+                        return Err(StoreError::Full(self.max_keys()));
                     }
-                    item.algorithm.commit(&mut state, now, item.cost);
+                    next.commit(&mut state);
                     let expires_at = now + item.algorithm.ttl(&state, now) + TTL_SLACK;
-                    if map.insert(key, Entry { state, expires_at }).is_none() {
-                        self.inner.len.fetch_add(1, Ordering::Relaxed);
-                    }
+                    shard.insert(key, Entry { state, expires_at });
                 } else if existed {
                     // An expired or foreign state: equivalent to absent.
-                    map.remove(&key);
-                    self.inner.len.fetch_sub(1, Ordering::Relaxed);
+                    shard.remove(&key);
                 }
                 outcome
             }
         };
-        drop(map);
+        drop(shard);
         Ok(Decision::from_outcomes(
             std::slice::from_ref(item),
             vec![outcome],
@@ -250,38 +184,33 @@ impl MemoryStore {
         let outcomes = items
             .iter()
             .map(|item| {
-                let key = (item.id, item.tag);
-                let map = lock(&self.inner.shards[shard_of(&key)]);
-                let mut state = match map.get(&key) {
+                let key = Hashed::new(item.id, item.tag);
+                let shard = self.inner.map.lock(&key);
+                match shard.get(&key) {
                     Some(e) if e.expires_at > now && item.algorithm.owns(&e.state) => {
-                        e.state.clone()
+                        item.algorithm.check(&e.state, now, item.cost).0
                     }
-                    _ => item.algorithm.fresh(now),
-                };
-                drop(map);
-                item.algorithm.check(&mut state, now, item.cost)
+                    _ => {
+                        let fresh = item.algorithm.fresh(now);
+                        item.algorithm.check(&fresh, now, item.cost).0
+                    }
+                }
             })
             .collect();
         Decision::from_outcomes(items, outcomes)
     }
 
-    /// Removes entries that expired before `cutoff`; returns how many.
-    fn sweep_once(inner: &Inner, cutoff: Micros) -> usize {
-        let mut removed = 0;
-        for shard in &inner.shards {
-            let mut map = lock(shard);
-            let before = map.len();
-            map.retain(|_, e| e.expires_at > cutoff);
-            removed += before - map.len();
-        }
-        inner.len.fetch_sub(removed, Ordering::Relaxed);
-        removed
-    }
-
     /// Runs one sweep now (tests and benchmarks use it to measure memory deterministically).
     pub fn sweep_now(&self) -> usize {
-        let cutoff = wall_clock().min(self.inner.latest.load(Ordering::Relaxed));
-        Self::sweep_once(&self.inner, cutoff)
+        self.inner.sweep()
+    }
+}
+
+impl Inner {
+    /// Removes entries that expired by the wall clock, never past the newest decision's time.
+    fn sweep(&self) -> usize {
+        let cutoff = wall_clock().min(self.latest.load(Ordering::Relaxed));
+        self.map.retain(cutoff)
     }
 }
 
@@ -291,7 +220,6 @@ async fn sweep(inner: Weak<Inner>) {
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let cutoff = wall_clock().min(inner.latest.load(Ordering::Relaxed));
-        MemoryStore::sweep_once(&inner, cutoff);
+        inner.sweep();
     }
 }

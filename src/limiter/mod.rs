@@ -1,8 +1,20 @@
-//! The limiter decision: all the limits of a route, decided together in one store call.
+//! The limiter decision: all the limits of a route, decided together, all-or-nothing.
 //!
-//! Owns the [`Decision`] (a denial is data, not an error), the two stores behind one enum, the
-//! timeout around every call and the mapping of a route's limits to store items. What happens
-//! on a store error (`on_store_error`) is the pipeline's call: this module reports it.
+//! A [`Limiter`] runs a request's [`Item`]s through these layers, in order, each in its own file:
+//!
+//! 1. [`deny_cache`]: identities the store rejected a moment ago are rejected here, until their
+//!    retry-after, with no store call.
+//! 2. [`lease`]: in approximate mode (`batch` on every limit) units the store granted this
+//!    replica in advance are spent locally; the store is asked only to top them up.
+//! 3. [`breaker`]: the store call itself, refused at once while the store keeps failing (the
+//!    circuit breaker), bounded by the store timeout, measured.
+//! 4. [`Store`]: the [`memory`] store or [`redis`], both running the [`algorithm`]s (in Rust or
+//!    in `lua/`); [`shards`] is the map the memory store, the leases and the deny cache keep
+//!    their entries in.
+//!
+//! This module owns the [`Decision`] (a denial is data, not an error), the two stores behind one
+//! enum and the mapping of a route's limits to store items. What happens on a store error
+//! (`on_store_error`) is the pipeline's call: this module reports it.
 
 pub mod algorithm;
 pub mod breaker;
@@ -10,9 +22,10 @@ pub mod deny_cache;
 pub mod lease;
 pub mod memory;
 pub mod redis;
+pub mod shards;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::identity::{self, Subject, Tag};
 pub use crate::metrics::LimiterMetrics;
@@ -175,162 +188,55 @@ impl Store {
     }
 }
 
-/// The store, the budget of one decision, the circuit breaker in front of the store and the
-/// local over-limit cache.
+/// The layers of a decision, in the order they run: the deny cache ([`deny_cache`]), the leases
+/// of approximate mode ([`lease`]), the circuit breaker and timeout around the store
+/// ([`breaker`]), the store ([`Store`]).
 pub struct Limiter {
-    pub store: Arc<Store>,
-    pub timeout: Duration,
-    pub denials: deny_cache::DenyCache,
-    pub leases: lease::Leases,
-    pub metrics: LimiterMetrics,
+    denials: deny_cache::DenyCache,
+    leases: lease::Leases,
+    store: Arc<Store>,
+    timeout: Duration,
+    metrics: LimiterMetrics,
 }
 
 impl Limiter {
-    /// Decides: from the over-limit cache when an enforced limit is known to reject, else by
-    /// the store, bounded by the store timeout and guarded by the circuit breaker.
+    /// A limiter over `store`, each decision bounded by `timeout`; the deny cache and the leases
+    /// start empty (one limiter per loaded policy).
+    pub fn new(store: Arc<Store>, timeout: Duration, metrics: LimiterMetrics) -> Limiter {
+        Limiter {
+            denials: Default::default(),
+            leases: Default::default(),
+            store,
+            timeout,
+            metrics,
+        }
+    }
+
+    /// The store behind the layers (kept across a reload that does not change it).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Decides: from the deny cache when an enforced limit is known to reject, from the leases
+    /// when every limit is in approximate mode, else by the store, bounded by the store timeout
+    /// and guarded by the circuit breaker.
     pub async fn decide(&self, items: &[Item]) -> Result<Decision, StoreError> {
-        if let Some(local) = self.denials.check(items) {
+        if let Some(local) = self.denials.check(items, Instant::now()) {
             self.metrics.local_denials.inc();
             return Ok(local);
         }
         if !items.is_empty() && items.iter().all(|i| i.batch > 0) {
-            return self.decide_leased(items).await;
+            return self.leases.decide(self, items).await;
         }
         self.ask_store(items).await
     }
 
-    /// Approximate mode: spend from this replica's leases; ask the store only for the limits
-    /// whose lease ran out (one request per key at a time, the others wait for its result),
-    /// for a whole batch or, near the limit, just this request's cost.
-    async fn decide_leased(&self, items: &[Item]) -> Result<Decision, StoreError> {
-        for _ in 0..4 {
-            if let Some(decision) = self.leases.spend(items) {
-                self.metrics.leased.inc();
-                self.refill_low(items).await;
-                return Ok(decision);
-            }
-            let short = self.leases.short(items);
-            let fetch = match self.leases.claim(items, &short) {
-                lease::Claim::Fetch(fetch) => fetch,
-                lease::Claim::Wait(done) => {
-                    // Bounded like any decision; then look at the leases again.
-                    let _ = tokio::time::timeout(self.timeout, done).await;
-                    continue;
-                }
-            };
-            for whole_batch in [true, false] {
-                let asking: Vec<Item> = short
-                    .iter()
-                    .map(|&i| Item {
-                        cost: if whole_batch {
-                            items[i].batch.max(items[i].cost)
-                        } else {
-                            items[i].cost
-                        },
-                        ..items[i]
-                    })
-                    .collect();
-                let asked = std::time::Instant::now();
-                let decision = self.ask_store(&asking).await?;
-                if decision.admitted {
-                    for ((item, outcome), &i) in asking.iter().zip(&decision.outcomes).zip(&short) {
-                        if outcome.allowed {
-                            self.leases.grant(&items[i], item.cost, outcome, asked);
-                        }
-                    }
-                    break;
-                }
-                if !whole_batch {
-                    // Rejected for this request's own cost: the request is rejected.
-                    let mut outcomes: Vec<Outcome> = items
-                        .iter()
-                        .map(|i| Outcome {
-                            allowed: true,
-                            remaining: i.algorithm.quota(),
-                            reset: 0,
-                            retry_after: 0,
-                        })
-                        .collect();
-                    for (&i, o) in short.iter().zip(&decision.outcomes) {
-                        outcomes[i] = *o;
-                    }
-                    return Ok(Decision::from_outcomes(items, outcomes));
-                }
-            }
-            drop(fetch);
-        }
-        // Concurrent spenders kept winning the fresh units: decide this request exactly.
-        self.ask_store(items).await
-    }
-
-    /// Tops up leases that are running low while they still cover other requests (this request
-    /// is decided already; it only carries the fetch). A rejected top-up changes nothing.
-    async fn refill_low(&self, items: &[Item]) {
-        let low = self.leases.low(items);
-        if low.is_empty() {
-            return;
-        }
-        let lease::Claim::Fetch(fetch) = self.leases.claim(items, &low) else {
-            return;
-        };
-        // Up to a whole batch, never more: a replica holds at most `batch` units of a key.
-        let now = std::time::Instant::now();
-        let asking: Vec<Item> = low
-            .iter()
-            .map(|&i| Item {
-                cost: items[i].batch - self.leases.available(&items[i], now),
-                ..items[i]
-            })
-            .collect();
-        let asked = std::time::Instant::now();
-        if let Ok(decision) = self.ask_store(&asking).await
-            && decision.admitted
-        {
-            for ((item, outcome), &i) in asking.iter().zip(&decision.outcomes).zip(&low) {
-                self.leases.grant(&items[i], item.cost, outcome, asked);
-            }
-        }
-        drop(fetch);
-    }
-
-    /// One store decision, bounded by the timeout and guarded by the circuit breaker; a
-    /// rejection is remembered in the over-limit cache.
+    /// The layers below the leases: one store decision behind the breaker; a rejection is
+    /// remembered in the deny cache.
     async fn ask_store(&self, items: &[Item]) -> Result<Decision, StoreError> {
-        let breaker = items.first().and_then(|i| self.store.breaker(&i.tag));
-        let probe = match breaker.map(|b| b.admit()) {
-            None | Some(breaker::Admission::Call) => None,
-            Some(breaker::Admission::Probe(guard)) => Some(guard),
-            Some(breaker::Admission::Open) => {
-                self.record_error(&StoreError::CircuitOpen);
-                return Err(StoreError::CircuitOpen);
-            }
-        };
-        let asked = std::time::Instant::now();
-        let result = match tokio::time::timeout(self.timeout, self.store.decide(items, None)).await
-        {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
-        };
-        self.metrics
-            .store_duration
-            .observe(asked.elapsed().as_secs_f64());
-        if let Some(b) = breaker {
-            match &result {
-                Ok(_) => {
-                    if b.success(probe) {
-                        // One group of slots answers again: let the others probe now too.
-                        self.store.nudge_breakers();
-                    }
-                }
-                Err(_) => b.failure(probe),
-            }
-            self.metrics
-                .circuit_open
-                .set(self.store.open_breakers() as i64);
-        }
-        match &result {
-            Ok(decision) => self.denials.remember(items, decision, asked),
-            Err(e) => self.record_error(e),
+        let (result, asked) = breaker::call(self, items).await;
+        if let Ok(decision) = &result {
+            self.denials.remember(items, decision, asked);
         }
         result
     }
