@@ -848,6 +848,15 @@ fn a_reload_that_slows_a_limit_down_past_its_old_ttl() {
         interval: 10 * SEC,
     };
     for (from, to) in [(fast, slow), (fast_gcra, slow_gcra)] {
+        // What each request leaves (None: rejected), the backends agreeing step for step.
+        let remaining_after = |requests: &[Request]| -> Vec<Option<u64>> {
+            backends
+                .replay(requests)
+                .unwrap_or_else(|e| panic!("{from:?} -> {to:?}: {e}"))
+                .iter()
+                .map(|d| d.outcomes[0].allowed.then_some(d.outcomes[0].remaining))
+                .collect()
+        };
         let requests = [
             (t, vec![item(from, 3)]),
             // 1 left; 10 ms later (under the old rate, as the state was written) 2, carried over.
@@ -855,13 +864,7 @@ fn a_reload_that_slows_a_limit_down_past_its_old_ttl() {
             (t + 10 * MS, vec![item(to, 1)]),
             (t + 10 * MS, vec![item(to, 1)]),
         ];
-        let decisions = backends
-            .replay(&requests)
-            .unwrap_or_else(|e| panic!("{from:?} -> {to:?}: {e}"));
-        let remaining: Vec<Option<u64>> = decisions
-            .iter()
-            .map(|d| d.outcomes[0].allowed.then_some(d.outcomes[0].remaining))
-            .collect();
+        let remaining = remaining_after(&requests);
         assert_eq!(
             remaining,
             [Some(1), Some(1), Some(0), None],
@@ -876,13 +879,7 @@ fn a_reload_that_slows_a_limit_down_past_its_old_ttl() {
             (t + 2 * SEC, vec![item(to, 3)]),
             (t + 2 * SEC, vec![item(to, 1)]),
         ];
-        let decisions = backends
-            .replay(&requests)
-            .unwrap_or_else(|e| panic!("{from:?} -> {to:?}: {e}"));
-        let remaining: Vec<Option<u64>> = decisions
-            .iter()
-            .map(|d| d.outcomes[0].allowed.then_some(d.outcomes[0].remaining))
-            .collect();
+        let remaining = remaining_after(&requests);
         assert_eq!(
             remaining,
             [Some(0), Some(3), Some(0), None],
