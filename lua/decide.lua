@@ -1,5 +1,7 @@
 -- decide: every limit of one request, decided together in one round trip (all-or-nothing).
--- The script tollgate loads is prelude.lua, the five algorithm files and this file, joined.
+-- The script tollgate loads is prelude.lua, the five algorithm files, the dispatch tables
+-- `checks`, `commits` and `refunds` (indexed by algorithm code; tollgate writes them from its
+-- algorithm table, src/limiter/algorithm.rs) and this file, joined.
 --
 -- KEYS[i]  the state key of limit i: "{prefix}:{identity hash}:{limit id}". The hash tag is the
 --          identity, so the keys of limits keyed by the same identity share a cluster slot.
@@ -8,7 +10,7 @@
 --          from Redis); tests send a time through the same argument.
 -- ARGV[2]  "1" to peek: decide as usual but write nothing at all (`tollgate explain`), else "0".
 -- ARGV[3 + 6 * (i - 1) .. 8 + 6 * (i - 1)]  limit i: algorithm code, p1, p2, p3, cost, shadow.
---          codes: 1 fixed_window, 2 sliding_window, 3 sliding_log, 4 token_bucket, 5 gcra;
+--          codes: 1 fixed_window, 2 sliding_log, 3 sliding_window, 4 token_bucket, 5 gcra;
 --          p1..p3 as each algorithm file says; shadow 1 for a limit that measures but never
 --          rejects (mode = "shadow"), else 0.
 -- Reply    { admitted 1|0, then for each limit i: allowed 1|0, remaining, reset us, retry us,
@@ -22,7 +24,6 @@
 local now = decision_time()
 
 local peek = ARGV[2] == '1'
-local algorithms = { fixed_window, sliding_window, sliding_log, token_bucket, gcra }
 -- Per limit, flat: allowed, remaining, reset, retry, receipt, state, ttl, code.
 local r = {}
 local admitted = 1
@@ -31,7 +32,7 @@ for i = 1, #KEYS do
   local code = tonumber(ARGV[a + 1])
   local o = 8 * (i - 1)
   r[o + 1], r[o + 2], r[o + 3], r[o + 4], r[o + 5], r[o + 6], r[o + 7] =
-    algorithms[code](KEYS[i], now, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
+    checks[code](KEYS[i], now, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
       tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), peek)
   r[o + 8] = code
   if r[o + 1] == 0 and ARGV[a + 6] ~= '1' then admitted = 0 end
@@ -41,11 +42,7 @@ local reply = { admitted }
 for i = 1, #KEYS do
   local o = 8 * (i - 1)
   if admitted == 1 and r[o + 1] == 1 and not peek then
-    if r[o + 8] == 3 then
-      sliding_log_commit(KEYS[i], r[o + 6], tonumber(ARGV[2 + 6 * (i - 1) + 5]), r[o + 7])
-    else
-      redis.call('SET', KEYS[i], r[o + 6], 'PX', ttl_ms(r[o + 7]))
-    end
+    commits[r[o + 8]](KEYS[i], r[o + 6], tonumber(ARGV[2 + 6 * (i - 1) + 5]), r[o + 7])
   end
   local n = #reply
   reply[n + 1] = r[o + 1]

@@ -1,6 +1,8 @@
 -- tollgate prelude: what the algorithm files share. The scripts in this folder are joined into
--- one script in this order: prelude.lua, fixed_window.lua, sliding_window.lua, sliding_log.lua,
--- token_bucket.lua, gcra.lua, then decide.lua (or refund.lua). decide.lua states the whole
+-- one script in this order: prelude.lua, the algorithm files in the order of tollgate's
+-- algorithm table (src/limiter/algorithm.rs: fixed_window, sliding_log, sliding_window,
+-- token_bucket, gcra), the dispatch tables `checks`, `commits` and `refunds` that tollgate
+-- writes from the same table, then decide.lua (or refund.lua). decide.lua states the whole
 -- script's KEYS, ARGV and reply.
 --
 -- Every algorithm is a function
@@ -8,9 +10,9 @@
 --     -> allowed 1|0, remaining, reset us, retry_after us, receipt, state, ttl us
 -- that reads its key and returns what admitting `cost` would do, and, when allowed, the new
 -- state (a string) and how long it must live. decide.lua writes the states only when every
--- enforced limit allowed: one SET ... PX per limit (state and TTL in one command), so nothing
--- is ever written without its TTL. The sliding log is the one exception (a sorted set): its
--- `state` is the first timestamp to add, and decide.lua adds the members itself.
+-- enforced limit allowed, through the algorithm's commit: set_state below (one SET ... PX:
+-- state and TTL in one command, so nothing is ever written without its TTL), or for the sliding
+-- log (a sorted set, whose `state` is the first timestamp to add) sliding_log_commit.
 -- A refund function per algorithm gives back what a commit took (see refund.lua).
 --
 -- Arithmetic: every number is an integer below 2^53 (tollgate validates the bounds), so Lua's
@@ -35,4 +37,9 @@ end
 local function ttl_ms(ttl_us)
   if ttl_us < 0 then ttl_us = 0 end
   return math.ceil((ttl_us + TTL_SLACK_US) / 1000)
+end
+
+-- The commit of every algorithm whose state is a string: the state and its TTL in one command.
+local function set_state(key, state, _cost, ttl_us)
+  redis.call('SET', key, state, 'PX', ttl_ms(ttl_us))
 end

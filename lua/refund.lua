@@ -2,7 +2,7 @@
 -- Redis Cluster slot rejected (limits keyed by different identities hash to different slots,
 -- so one request may need one decide call per slot; all-or-nothing then means consume, and
 -- refund when any slot said no). The script tollgate loads is prelude.lua, the five algorithm
--- files and this file, joined.
+-- files, the dispatch tables (see decide.lua) and this file, joined.
 --
 -- KEYS[i]  the state key of limit i (all in one slot).
 -- ARGV[1 + 6 * (i - 1) .. 6 + 6 * (i - 1)]  limit i: algorithm code, p1, p2, p3, cost, receipt
@@ -10,8 +10,6 @@
 -- Reply    the number of limits refunded.
 -- A refund never raises a limit above what it would have had without the request; if the
 -- window or state moved on meanwhile there is nothing to give back.
-local refunds = { fixed_window_refund, sliding_window_refund, sliding_log_refund,
-                  token_bucket_refund, gcra_refund }
 for i = 1, #KEYS do
   local a = 6 * (i - 1)
   refunds[tonumber(ARGV[a + 1])](KEYS[i], tonumber(ARGV[a + 6]), tonumber(ARGV[a + 2]),

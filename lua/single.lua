@@ -1,6 +1,6 @@
 -- single: the decision of a route with exactly one limit (the common case), without decide.lua's
 -- dispatch. tollgate joins prelude.lua, one algorithm file, a line naming that algorithm's
--- `check` (and, for the sliding log, its `commit`), and this file: five small scripts.
+-- `check` and `commit` (set_state, or the sliding log's own), and this file: five small scripts.
 --
 -- KEYS, ARGV and reply: as decide.lua with one limit (ARGV[3] is the algorithm code, unused
 -- here). A limit's state is written only when it allows.
@@ -12,10 +12,6 @@ local allowed, remaining, reset, retry, receipt, state, ttl =
 local admitted = allowed
 if ARGV[8] == '1' then admitted = 1 end
 if allowed == 1 and not peek then
-  if commit then
-    commit(KEYS[1], state, cost, ttl)
-  else
-    redis.call('SET', KEYS[1], state, 'PX', ttl_ms(ttl))
-  end
+  commit(KEYS[1], state, cost, ttl)
 end
 return { admitted, allowed, remaining, reset, retry, receipt }

@@ -310,8 +310,6 @@ pub enum Mode {
 pub struct Limit {
     /// The policy name in headers: the route's name, or `route/N` when the route has several.
     pub name: String,
-    /// The algorithm name as written in proxy.toml.
-    pub algorithm_name: &'static str,
     pub algorithm: Algorithm,
     /// `rate` as written, for summaries.
     pub rate_text: String,

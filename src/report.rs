@@ -34,13 +34,15 @@ fn describe_match(m: &Matcher) -> String {
 
 /// `gcra 50/s, burst 20 by ip, cost 2, shadow (quota 20 per 1 s)`.
 fn describe_limit(l: &Limit, spec: &KeySpec) -> String {
-    let burst = match l.algorithm_name {
-        "token_bucket" | "gcra" => format!(", burst {}", l.quota),
-        _ => String::new(),
+    let kind = l.algorithm.kind();
+    let burst = if kind.takes_burst() {
+        format!(", burst {}", l.quota)
+    } else {
+        String::new()
     };
     format!(
         "{} {}{burst} by {spec}{}{} (quota {} per {} s)",
-        l.algorithm_name,
+        kind.name(),
         l.rate_text,
         if l.cost != 1 {
             format!(", cost {}", l.cost)

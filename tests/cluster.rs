@@ -450,10 +450,12 @@ async fn a_script_cache_flushed_on_every_primary_is_recovered_without_store_erro
     let http = Http::new();
     // Single-limit decisions (route "one", and each slot of route "pair") use the gcra,
     // fixed_window and sliding_log scripts of SINGLE_SCRIPTS; check the gcra one.
-    let decide_sha = redis::Script::new(tollgate::limiter::redis::SINGLE_SCRIPTS[4])
-        .get_hash()
-        .to_string();
-    let refund_sha = redis::Script::new(tollgate::limiter::redis::REFUND_SCRIPT)
+    let decide_sha = redis::Script::new(
+        &tollgate::limiter::redis::SINGLE_SCRIPTS[usize::from(Kind::Gcra.code()) - 1],
+    )
+    .get_hash()
+    .to_string();
+    let refund_sha = redis::Script::new(&tollgate::limiter::redis::REFUND_SCRIPT)
         .get_hash()
         .to_string();
 

@@ -8,10 +8,12 @@ mod validate;
 
 use std::fmt;
 use std::path::Path;
+use std::sync::LazyLock;
 
+use crate::limiter::algorithm::Kind;
 use crate::policy::Policy;
 
-pub use validate::{ALGORITHMS, line_column, shadowed_routes};
+pub use validate::{line_column, shadowed_routes};
 
 /// One problem in a config file, at a position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,37 +62,43 @@ impl ConfigErrors {
 }
 
 /// What a key takes, for parse errors that name a key but not what is allowed.
-const KEY_HINTS: [(&str, &str); 8] = [
-    (
-        "server",
-        "every proxy.toml needs a [server] table with listen = \"IP:PORT\"",
-    ),
-    (
-        "listen",
-        "expected listen = \"IP:PORT\", e.g. \"0.0.0.0:8080\"",
-    ),
-    (
-        "algorithm",
-        "expected algorithm = one of fixed_window, sliding_log, sliding_window, token_bucket, gcra",
-    ),
-    (
-        "rate",
-        "expected rate = \"N/unit\", e.g. \"10/s\" or \"100/10s\"",
-    ),
-    (
-        "name",
-        "expected name = \"a-route-name\" (letters, digits, '-', '_', '.')",
-    ),
-    (
-        "upstream",
-        "expected upstream = the name of an [upstreams.NAME] table",
-    ),
-    ("targets", "expected targets = [\"http://HOST:PORT\", ...]"),
-    (
-        "by",
-        "expected by = \"ip\", \"header:NAME\", \"query:NAME\", \"global\", or a list of these",
-    ),
-];
+static KEY_HINTS: LazyLock<[(&str, String); 8]> = LazyLock::new(|| {
+    [
+        (
+            "server",
+            "every proxy.toml needs a [server] table with listen = \"IP:PORT\"".to_string(),
+        ),
+        (
+            "listen",
+            "expected listen = \"IP:PORT\", e.g. \"0.0.0.0:8080\"".to_string(),
+        ),
+        (
+            "algorithm",
+            format!("expected algorithm = one of {}", Kind::names()),
+        ),
+        (
+            "rate",
+            "expected rate = \"N/unit\", e.g. \"10/s\" or \"100/10s\"".to_string(),
+        ),
+        (
+            "name",
+            "expected name = \"a-route-name\" (letters, digits, '-', '_', '.')".to_string(),
+        ),
+        (
+            "upstream",
+            "expected upstream = the name of an [upstreams.NAME] table".to_string(),
+        ),
+        (
+            "targets",
+            "expected targets = [\"http://HOST:PORT\", ...]".to_string(),
+        ),
+        (
+            "by",
+            "expected by = \"ip\", \"header:NAME\", \"query:NAME\", \"global\", or a list of these"
+                .to_string(),
+        ),
+    ]
+});
 
 /// Adds what is allowed to a serde/toml error: for a missing field, that field's hint; for a
 /// value of the wrong type, the hint of the key just before the error on its line.

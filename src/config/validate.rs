@@ -17,14 +17,12 @@ use ipnet::IpNet;
 use super::raw::*;
 use super::units::{self, Rate};
 use super::{ConfigError, ConfigErrors};
-use crate::limiter::algorithm::Algorithm;
+use crate::limiter::algorithm::{Algorithm, Kind};
 use crate::policy::*;
 
 /// Largest value any algorithm's arithmetic may reach, with room to add a timestamp: Lua's
 /// doubles are exact integers up to 2^53.
 const EXACT_LIMIT: u128 = 1 << 52;
-
-pub const ALGORITHMS: &str = "fixed_window, sliding_log, sliding_window, token_bucket, gcra";
 
 struct Validator<'a> {
     file: &'a str,
@@ -868,20 +866,18 @@ fn limit(
             None
         }
     };
-    let algorithm_name: &'static str = match l.algorithm.get_ref().as_str() {
-        "fixed_window" => "fixed_window",
-        "sliding_log" => "sliding_log",
-        "sliding_window" => "sliding_window",
-        "token_bucket" => "token_bucket",
-        "gcra" => "gcra",
-        other => {
-            v.error(
-                l.algorithm.span(),
-                format!("unknown algorithm \"{other}\"; expected one of {ALGORITHMS}"),
-            );
-            return None;
-        }
+    let Some(kind) = Kind::from_name(l.algorithm.get_ref()) else {
+        v.error(
+            l.algorithm.span(),
+            format!(
+                "unknown algorithm \"{}\"; expected one of {}",
+                l.algorithm.get_ref(),
+                Kind::names()
+            ),
+        );
+        return None;
     };
+    let algorithm_name = kind.name();
     let mode = v.one_of(
         &l.mode,
         "mode",
@@ -902,11 +898,16 @@ fn limit(
             1
         }
     };
-    let takes_burst = matches!(algorithm_name, "token_bucket" | "gcra");
+    let takes_burst = kind.takes_burst();
     if let (Some(b), false) = (&l.burst, takes_burst) {
+        let with_burst: Vec<&str> = Kind::ALL
+            .into_iter()
+            .filter(|k| k.takes_burst())
+            .map(Kind::name)
+            .collect();
         v.error(
             b.span(),
-            format!("`burst` is not taken by {algorithm_name}; only token_bucket and gcra have a burst (the window algorithms admit `rate` per window)"),
+            format!("`burst` is not taken by {algorithm_name}; only {} have a burst (the window algorithms admit `rate` per window)", with_burst.join(" and ")),
         );
     }
     let burst = match &l.burst {
@@ -944,16 +945,16 @@ fn limit(
             l.rate.get_ref()
         )
     };
-    let algorithm = match algorithm_name {
-        "fixed_window" => Algorithm::FixedWindow {
+    let algorithm = match kind {
+        Kind::FixedWindow => Algorithm::FixedWindow {
             quota: count,
             window: period_us,
         },
-        "sliding_window" => Algorithm::SlidingWindow {
+        Kind::SlidingWindow => Algorithm::SlidingWindow {
             quota: count,
             window: period_us,
         },
-        "sliding_log" => {
+        Kind::SlidingLog => {
             if count > period_us {
                 v.error(rate_span, "sliding_log counts at most one request per microsecond of its window; use a longer window or another algorithm");
                 return None;
@@ -963,7 +964,7 @@ fn limit(
                 window: period_us,
             }
         }
-        "token_bucket" => {
+        Kind::TokenBucket => {
             let g = gcd(count, period_us);
             let (refill, unit) = (count / g, period_us / g);
             if quota as u128 * unit as u128 >= EXACT_LIMIT {
@@ -976,7 +977,7 @@ fn limit(
                 unit,
             }
         }
-        _ => {
+        Kind::Gcra => {
             let interval = period_us / count;
             if interval == 0 {
                 v.error(rate_span, "gcra spaces requests at least one microsecond apart; this rate is faster than that: use token_bucket");
@@ -1036,7 +1037,6 @@ fn limit(
     let id = limit_id(route_name, algorithm_name, &spec, period_us, identities);
     Some(Limit {
         name: policy_name,
-        algorithm_name,
         algorithm,
         rate_text: l.rate.get_ref().clone(),
         key,

@@ -20,6 +20,86 @@ pub type Micros = u64;
 /// that a store's expiry never races a decision that still needs the state.
 pub const TTL_SLACK: Micros = 1_000_000;
 
+/// Every algorithm tollgate has, in the contract's order: the one table that validation, the
+/// `check` summaries, the key hints, the Lua scripts (their order, dispatch codes and commit
+/// functions) and the tests' list of algorithms are read from. Adding an algorithm is a row
+/// here, an [`Algorithm`] variant and its `lua/` file; every `match` that must learn about it
+/// is exhaustive, so the compiler lists the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    FixedWindow,
+    SlidingLog,
+    SlidingWindow,
+    TokenBucket,
+    Gcra,
+}
+
+impl Kind {
+    /// All of them, in the contract's order (also the order of the scripts' dispatch tables).
+    pub const ALL: [Kind; 5] = [
+        Kind::FixedWindow,
+        Kind::SlidingLog,
+        Kind::SlidingWindow,
+        Kind::TokenBucket,
+        Kind::Gcra,
+    ];
+
+    /// The name in `algorithm = "..."`, in counter identities, and of the Lua functions
+    /// (`NAME`, `NAME_refund`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Kind::FixedWindow => "fixed_window",
+            Kind::SlidingLog => "sliding_log",
+            Kind::SlidingWindow => "sliding_window",
+            Kind::TokenBucket => "token_bucket",
+            Kind::Gcra => "gcra",
+        }
+    }
+
+    /// Whether the limit takes `burst` (the window algorithms admit `rate` per window).
+    pub const fn takes_burst(self) -> bool {
+        match self {
+            Kind::TokenBucket | Kind::Gcra => true,
+            Kind::FixedWindow | Kind::SlidingLog | Kind::SlidingWindow => false,
+        }
+    }
+
+    /// The algorithm's Lua file, which defines `NAME` and `NAME_refund` (see `lua/prelude.lua`).
+    pub const fn lua(self) -> &'static str {
+        match self {
+            Kind::FixedWindow => include_str!("../../lua/fixed_window.lua"),
+            Kind::SlidingLog => include_str!("../../lua/sliding_log.lua"),
+            Kind::SlidingWindow => include_str!("../../lua/sliding_window.lua"),
+            Kind::TokenBucket => include_str!("../../lua/token_bucket.lua"),
+            Kind::Gcra => include_str!("../../lua/gcra.lua"),
+        }
+    }
+
+    /// The Lua function that writes an admitted state: `set_state` (one SET ... PX, in
+    /// prelude.lua) for the algorithms whose state is a string, the sorted set's own otherwise.
+    pub const fn lua_commit(self) -> &'static str {
+        match self {
+            Kind::SlidingLog => "sliding_log_commit",
+            Kind::FixedWindow | Kind::SlidingWindow | Kind::TokenBucket | Kind::Gcra => "set_state",
+        }
+    }
+
+    /// The code the scripts dispatch on: the position in [`Kind::ALL`], from 1 as Lua counts.
+    pub const fn code(self) -> u8 {
+        self as u8 + 1
+    }
+
+    /// The algorithm called `name`, if any.
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// `fixed_window, sliding_log, ...`: the names for messages that list what is allowed.
+    pub fn names() -> String {
+        Kind::ALL.map(Kind::name).join(", ")
+    }
+}
+
 /// One algorithm with its parameters, in the units the arithmetic uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Algorithm {
@@ -157,6 +237,17 @@ fn refilled(level: u64, elapsed: Micros, capacity: u64, refill: u64) -> u64 {
 }
 
 impl Algorithm {
+    /// Which row of the table this algorithm is.
+    pub const fn kind(&self) -> Kind {
+        match self {
+            Algorithm::FixedWindow { .. } => Kind::FixedWindow,
+            Algorithm::SlidingLog { .. } => Kind::SlidingLog,
+            Algorithm::SlidingWindow { .. } => Kind::SlidingWindow,
+            Algorithm::TokenBucket { .. } => Kind::TokenBucket,
+            Algorithm::Gcra { .. } => Kind::Gcra,
+        }
+    }
+
     /// The state of a key nobody has used, at `now`.
     pub fn fresh(&self, now: Micros) -> State {
         match *self {
@@ -524,6 +615,31 @@ mod tests {
             rolled.tidy(state);
         }
         outcome
+    }
+
+    #[test]
+    fn the_table_is_consistent() {
+        for (i, kind) in Kind::ALL.into_iter().enumerate() {
+            assert_eq!(usize::from(kind.code()), i + 1, "{kind:?}");
+            assert_eq!(Kind::from_name(kind.name()), Some(kind));
+            let lua = kind.lua();
+            let name = kind.name();
+            assert!(lua.contains(&format!("local function {name}(")), "{name}");
+            assert!(
+                lua.contains(&format!("local function {name}_refund(")),
+                "{name}"
+            );
+            let commit = kind.lua_commit();
+            assert!(
+                commit == "set_state" || lua.contains(&format!("local function {commit}(")),
+                "{name}: {commit}"
+            );
+        }
+        assert_eq!(Kind::from_name("token-bucket"), None);
+        assert_eq!(
+            Kind::names(),
+            "fixed_window, sliding_log, sliding_window, token_bucket, gcra"
+        );
     }
 
     fn admitted_back_to_back(alg: Algorithm, tries: u64) -> u64 {
