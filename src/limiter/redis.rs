@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures_util::future::join_all;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
@@ -445,7 +446,7 @@ impl RedisStore {
                     .map(|r| (group, r))
             }
         });
-        let answers = futures_join_all(calls).await;
+        let answers = join_all(calls).await;
         let mut outcomes = vec![None; items.len()];
         let mut committed: Vec<(Vec<Item>, Vec<i64>)> = Vec::new();
         let mut first_error = None;
@@ -507,7 +508,7 @@ impl RedisStore {
                     }
                 }
             });
-        futures_join_all(calls).await;
+        join_all(calls).await;
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -526,32 +527,6 @@ impl RedisStore {
         };
         result.map(|_| ()).map_err(StoreError::from)
     }
-}
-
-/// Awaits every future (they run concurrently on this task) and returns their outputs in order.
-async fn futures_join_all<F: std::future::Future>(
-    futures: impl IntoIterator<Item = F>,
-) -> Vec<F::Output> {
-    let mut pending: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
-    let mut done: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut all = true;
-        for (slot, fut) in done.iter_mut().zip(pending.iter_mut()) {
-            if slot.is_none() {
-                match fut.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *slot = Some(v),
-                    std::task::Poll::Pending => all = false,
-                }
-            }
-        }
-        if all {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    done.into_iter().flatten().collect()
 }
 
 fn parse_reply(items: &[Item], reply: &[i64]) -> Result<(Decision, Vec<i64>), StoreError> {
