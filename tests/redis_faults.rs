@@ -22,7 +22,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -839,111 +839,6 @@ async fn replicas_with_skewed_clocks_admit_exactly_the_limit_for_every_algorithm
 // ---------------------------------------------------------------------------------------------
 // Connection security: TLS, mutual TLS, ACL users.
 
-/// A private CA, a server certificate for 127.0.0.1 and a client certificate
-/// (tests/common/pki.rs): `ca.pem`, `server.pem`, `server.key`, `client.pem`, `client.key`.
-struct Pki(common::pki::Pki);
-
-impl Pki {
-    fn generate() -> Pki {
-        use common::pki::Usage;
-        let pki = common::pki::Pki::new();
-        // Redis presents the server certificate as a client too (replication, cluster bus).
-        pki.leaf(
-            "server",
-            "127.0.0.1",
-            &["127.0.0.1"],
-            &[Usage::ServerAuth, Usage::ClientAuth],
-            2,
-        );
-        pki.leaf("client", "tollgate", &[], &[Usage::ClientAuth], 3);
-        Pki(pki)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.path(name)
-    }
-
-    fn certificates(&self) -> redis::TlsCertificates {
-        redis::TlsCertificates {
-            client_tls: Some(redis::ClientTlsConfig {
-                client_cert: std::fs::read(self.path("client.pem")).unwrap(),
-                client_key: std::fs::read(self.path("client.key")).unwrap(),
-            }),
-            root_cert: Some(std::fs::read(self.path("ca.pem")).unwrap()),
-        }
-    }
-}
-
-/// A redis-server that speaks TLS only (`--port 0`), with or without client authentication.
-struct TlsRedis {
-    port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
-    certs: redis::TlsCertificates,
-}
-
-impl TlsRedis {
-    fn start(pki: &Pki, mutual: bool) -> TlsRedis {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", "0", "--tls-port", &port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .arg("--logfile")
-            .arg(dir.path().join("redis.log"))
-            .arg("--tls-cert-file")
-            .arg(pki.path("server.pem"))
-            .arg("--tls-key-file")
-            .arg(pki.path("server.key"))
-            .arg("--tls-ca-cert-file")
-            .arg(pki.path("ca.pem"))
-            .args(["--tls-auth-clients", if mutual { "yes" } else { "no" }])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed");
-        let redis = TlsRedis {
-            port,
-            child,
-            _dir: dir,
-            certs: pki.certificates(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let ready = redis
-                .try_conn()
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
-            if ready.is_ok() {
-                return redis;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "TLS redis-server on {port} not ready: {ready:?}; log:\n{}",
-                std::fs::read_to_string(redis._dir.path().join("redis.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("rediss://127.0.0.1:{}/0", self.port)
-    }
-
-    fn try_conn(&self) -> redis::RedisResult<redis::Connection> {
-        redis::Client::build_with_tls(self.url(), self.certs.clone())?
-            .get_connection_with_timeout(Duration::from_millis(500))
-    }
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Sends `limited` requests for one key: 3 admitted then 429, decided by the store.
 async fn assert_enforced(tg: &tollgate::Running, key: &str, what: &str) {
     let http = Http::new();
@@ -989,15 +884,15 @@ async fn assert_store_fails(tg: &tollgate::Running, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_redis_with_a_private_ca_enforces_limits() {
     let _shared = ALONE.read().await;
-    let pki = Pki::generate();
-    let redis = TlsRedis::start(&pki, false);
+    let redis = Redis::start_tls(false);
+    let pki = &redis.tls().pki;
     let upstream = Upstream::start().await;
     let ca = format!("tls_ca = \"{}\"", pki.path("ca.pem").display());
     let tg = start_tollgate(&redis_config(&upstream, &redis.url(), &ca)).await;
     assert_enforced(&tg, "tls", "rediss:// with tls_ca").await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("rf:*")
-        .query(&mut redis.try_conn().unwrap())
+        .query(&mut redis.conn())
         .unwrap();
     assert_eq!(
         keys.len(),
@@ -1015,8 +910,8 @@ async fn tls_redis_with_a_private_ca_enforces_limits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_redis_accepts_tollgate_with_its_client_certificate_only() {
     let _shared = ALONE.read().await;
-    let pki = Pki::generate();
-    let redis = TlsRedis::start(&pki, true);
+    let redis = Redis::start_tls(true);
+    let pki = &redis.tls().pki;
     let upstream = Upstream::start().await;
     let ca = format!("tls_ca = \"{}\"", pki.path("ca.pem").display());
     let mutual = format!(

@@ -41,12 +41,67 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// A redis-server of this test's own.
+/// A redis-server of this test's own, plain or TLS only ([`Redis::start_tls`]).
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
     extra: Vec<String>,
+    tls: Option<Box<RedisTls>>,
+}
+
+/// What a TLS-only [`Redis`] presents and trusts: a private CA (tests/common/pki.rs) with
+/// `ca.pem`, `server.pem` / `server.key` for 127.0.0.1 and `client.pem` / `client.key`.
+pub struct RedisTls {
+    pub pki: pki::Pki,
+    /// Whether the server demands a client certificate (`--tls-auth-clients yes`).
+    pub mutual: bool,
+}
+
+impl RedisTls {
+    fn new(mutual: bool) -> RedisTls {
+        use pki::Usage;
+        let pki = pki::Pki::new();
+        // Redis presents the server certificate as a client too (replication, cluster bus).
+        pki.leaf(
+            "server",
+            "127.0.0.1",
+            &["127.0.0.1"],
+            &[Usage::ServerAuth, Usage::ClientAuth],
+            2,
+        );
+        pki.leaf("client", "tollgate", &[], &[Usage::ClientAuth], 3);
+        RedisTls { pki, mutual }
+    }
+
+    /// The CA and client certificate, for a test's own connections.
+    fn certificates(&self) -> redis::TlsCertificates {
+        let read = |name: &str| std::fs::read(self.pki.path(name)).expect("test certificate");
+        redis::TlsCertificates {
+            client_tls: Some(redis::ClientTlsConfig {
+                client_cert: read("client.pem"),
+                client_key: read("client.key"),
+            }),
+            root_cert: Some(read("ca.pem")),
+        }
+    }
+
+    fn server_args(&self, port: u16) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> =
+            ["--port", "0", "--tls-port"].map(Into::into).to_vec();
+        args.push(port.to_string().into());
+        for (flag, file) in [
+            ("--tls-cert-file", "server.pem"),
+            ("--tls-key-file", "server.key"),
+            ("--tls-ca-cert-file", "ca.pem"),
+        ] {
+            args.push(flag.into());
+            args.push(self.pki.path(file).into());
+        }
+        args.push("--tls-auth-clients".into());
+        args.push(if self.mutual { "yes" } else { "no" }.into());
+        args
+    }
 }
 
 impl Redis {
@@ -61,6 +116,7 @@ impl Redis {
             child: None,
             dir: tempfile::tempdir().expect("temp dir"),
             extra: Vec::new(),
+            tls: None,
         };
         redis.spawn();
         redis
@@ -69,11 +125,27 @@ impl Redis {
     /// Starts with extra `redis-server` arguments, on a free port: if another process takes
     /// that port between the look-up and the bind, it tries again on another one.
     pub fn start_with(extra: &[&str]) -> Redis {
+        Self::start_free(extra, None)
+    }
+
+    /// A server that speaks TLS only (`--port 0 --tls-port P`) with certificates of its own
+    /// private CA ([`Redis::tls`]), demanding a client certificate when `mutual`.
+    pub fn start_tls(mutual: bool) -> Redis {
+        Self::start_free(&[], Some(Box::new(RedisTls::new(mutual))))
+    }
+
+    /// The TLS material of a [`Redis::start_tls`] server.
+    pub fn tls(&self) -> &RedisTls {
+        self.tls.as_ref().expect("a TLS server")
+    }
+
+    fn start_free(extra: &[&str], tls: Option<Box<RedisTls>>) -> Redis {
         let mut redis = Redis {
             port: free_port(),
             child: None,
             dir: tempfile::tempdir().expect("temp dir"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls,
         };
         for _ in 0..3 {
             if redis.try_spawn().is_ok() {
@@ -95,9 +167,12 @@ impl Redis {
     /// Starts the server and waits until it answers, and is ours: its `dir` is this fixture's
     /// (a port taken by another server would answer PING too).
     fn try_spawn(&mut self) -> Result<(), String> {
+        let listen: Vec<std::ffi::OsString> = match &self.tls {
+            Some(tls) => tls.server_args(self.port),
+            None => vec!["--port".into(), self.port.to_string().into()],
+        };
         let child = Command::new("redis-server")
-            .arg("--port")
-            .arg(self.port.to_string())
+            .args(listen)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -123,7 +198,7 @@ impl Redis {
                     self.log()
                 ));
             }
-            if let Ok(client) = redis::Client::open(self.url())
+            if let Ok(client) = self.client()
                 && let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(200))
                 && let Ok((_, dir)) = redis::cmd("CONFIG")
                     .arg("GET")
@@ -143,8 +218,23 @@ impl Redis {
         ))
     }
 
+    /// `redis://` or, for a TLS server, `rediss://`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
+    }
+
+    /// A client for this server (trusting its CA and presenting the client certificate when
+    /// it speaks TLS).
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        match &self.tls {
+            Some(tls) => redis::Client::build_with_tls(self.url(), tls.certificates()),
+            None => redis::Client::open(self.url()),
+        }
     }
 
     /// Kills the server (SIGKILL) and reaps it.
@@ -168,7 +258,7 @@ impl Redis {
 
     /// A synchronous connection for test assertions.
     pub fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url())
+        self.client()
             .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
             .expect("redis connection")
     }
