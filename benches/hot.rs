@@ -80,13 +80,20 @@ fn hot(c: &mut Criterion) {
     let subject = Subject {
         parts: &parts,
         ip: "203.0.113.7".parse().unwrap(),
+        consumer: None,
     };
     c.bench_function("key derivation (2 limits, 1 key spec)", |b| {
-        b.iter(|| black_box(limiter::items_for(route, black_box(&subject))))
+        b.iter(|| {
+            black_box(limiter::items_for(
+                &route.limits,
+                &route.keys,
+                black_box(&subject),
+            ))
+        })
     });
 
     let store = MemoryStore::new(1_000_000);
-    let items = limiter::items_for(route, &subject);
+    let items = limiter::items_for(&route.limits, &route.keys, &subject);
     let mut now = limiter::wall_clock();
     c.bench_function("memory store decision (2 limits)", |b| {
         b.iter(|| {
@@ -118,7 +125,7 @@ fn hot(c: &mut Criterion) {
             tollgate::response::add_rate_limit_headers(
                 &mut headers,
                 policy.server.rate_limit_headers,
-                route,
+                route.limits_for(None),
                 black_box(&items),
                 black_box(&decision),
             );

@@ -115,6 +115,8 @@ pub struct Subject<'a> {
     pub parts: &'a Parts,
     /// The client IP after the trusted-proxy walk and IPv6 truncation.
     pub ip: IpAddr,
+    /// The consumer's name, when the request named a known one.
+    pub consumer: Option<&'a str>,
 }
 
 fn update_ip(h: &mut blake3::Hasher, ip: IpAddr) {
@@ -135,7 +137,8 @@ fn update_field(h: &mut blake3::Hasher, bytes: &[u8]) {
     h.update(bytes);
 }
 
-fn query_value<'a>(parts: &'a Parts, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+/// The first non-empty value of query parameter `name`, decoded.
+pub(crate) fn query_value<'a>(parts: &'a Parts, name: &str) -> Option<std::borrow::Cow<'a, str>> {
     let query = parts.uri.query()?;
     form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == name)
@@ -144,8 +147,8 @@ fn query_value<'a>(parts: &'a Parts, name: &str) -> Option<std::borrow::Cow<'a, 
 }
 
 /// The hashed identity of `spec` for this request. A source that is absent (no such header,
-/// an empty value, no such query parameter) is replaced by the client IP, so leaving a header
-/// out never escapes a limit.
+/// an empty value, no such query parameter, no known consumer) is replaced by the client IP,
+/// so leaving a header out never escapes a limit.
 pub fn tag(spec: &KeySpec, subject: &Subject<'_>) -> Tag {
     let mut h = blake3::Hasher::new();
     h.update(b"tollgate/identity/1");
@@ -173,6 +176,13 @@ pub fn tag(spec: &KeySpec, subject: &Subject<'_>) -> Tag {
                     update_field(&mut h, v.as_bytes());
                 }
             }
+            KeySource::Consumer => match subject.consumer {
+                None => update_ip(&mut h, subject.ip),
+                Some(name) => {
+                    h.update(b"c");
+                    update_field(&mut h, name.as_bytes());
+                }
+            },
             KeySource::Query(name) => match query_value(subject.parts, name) {
                 None => update_ip(&mut h, subject.ip),
                 Some(value) => {
@@ -328,6 +338,7 @@ mod tests {
         let s = Subject {
             parts: &p,
             ip: ip("1.2.3.4"),
+            consumer: None,
         };
         assert_eq!(
             tag(&spec(vec![key.clone()]), &s),
@@ -337,6 +348,7 @@ mod tests {
         let s2 = Subject {
             parts: &empty,
             ip: ip("1.2.3.4"),
+            consumer: None,
         };
         assert_eq!(
             tag(&spec(vec![key.clone()]), &s2),
@@ -359,14 +371,17 @@ mod tests {
         let sa = Subject {
             parts: &a,
             ip: ip("1.1.1.1"),
+            consumer: None,
         };
         let sa2 = Subject {
             parts: &a,
             ip: ip("2.2.2.2"),
+            consumer: None,
         };
         let sb = Subject {
             parts: &b,
             ip: ip("1.1.1.1"),
+            consumer: None,
         };
         assert_eq!(
             tag(&key, &sa),
@@ -381,10 +396,12 @@ mod tests {
         let s1 = Subject {
             parts: &pq,
             ip: ip("1.1.1.1"),
+            consumer: None,
         };
         let s2 = Subject {
             parts: &pq2,
             ip: ip("9.9.9.9"),
+            consumer: None,
         };
         assert_eq!(tag(&q, &s1), tag(&q, &s2), "percent-decoded, first value");
         assert_ne!(
@@ -413,6 +430,7 @@ mod tests {
                 &Subject {
                     parts: &p,
                     ip: counted_ip(client, 64),
+                    consumer: None,
                 },
             ));
         }

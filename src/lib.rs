@@ -7,7 +7,8 @@
 //! - [`pipeline`]: the life of one request, phase by phase, in one function.
 //! - [`framing`]: head checks beyond hyper's (Host, Transfer-Encoding): no smuggling.
 //! - [`route`]: the first route whose `match` fits (on a normalised path).
-//! - [`identity`]: the client IP (trusted-proxy walk) and the hashed identity of each limit.
+//! - [`identity`]: the client IP (trusted-proxy walk) and the hashed identity of each limit;
+//!   [`consumers`]: the consumer and plan a request's API key names.
 //! - [`limiter`]: all limits of the route decided together, through layers in this order: the
 //!   deny cache ([`limiter::deny_cache`]), the leases of approximate mode ([`limiter::lease`]),
 //!   the circuit breaker and timeout ([`limiter::breaker`]), then one store call — the
@@ -32,6 +33,7 @@ pub mod app;
 pub mod body;
 pub mod config;
 pub mod conn;
+pub mod consumers;
 pub mod framing;
 pub mod heap;
 pub mod identity;

@@ -1,5 +1,5 @@
-//! The `tollgate` command: `run` (the default), `check`, `explain` and `healthcheck`. A thin
-//! layer over the library.
+//! The `tollgate` command: `run` (the default), `check`, `explain`, `hash-key` and
+//! `healthcheck`. A thin layer over the library.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -47,6 +47,9 @@ enum Command {
     /// Exit 0 when the admin listener of the config answers GET /healthz with 200, else 1
     /// (for container health checks).
     Healthcheck,
+    /// Read one API key from standard input (a trailing newline is ignored) and print its hash
+    /// as consumers.toml lists it: `b3:` and 64 hex digits.
+    HashKey,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
             client_ip,
         } => explain(&cli.config, &method, &url, &headers, client_ip),
         Command::Healthcheck => healthcheck(&cli.config),
+        Command::HashKey => hash_key(),
         Command::Run => {
             logging::init(cli.log_format);
             match run(&cli.config) {
@@ -148,6 +152,27 @@ fn build_request(method: &str, url: &str, headers: &[String]) -> anyhow::Result<
         builder = builder.header(name.trim(), value.trim());
     }
     Ok(builder.body(())?)
+}
+
+fn hash_key() -> ExitCode {
+    use std::io::Read;
+    let mut key = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut key) {
+        eprintln!("tollgate hash-key: cannot read standard input: {e}");
+        return ExitCode::FAILURE;
+    }
+    if key.ends_with(b"\n") {
+        key.pop();
+        if key.ends_with(b"\r") {
+            key.pop();
+        }
+    }
+    if key.is_empty() {
+        eprintln!("tollgate hash-key: no key on standard input");
+        return ExitCode::FAILURE;
+    }
+    println!("{}", tollgate::consumers::hash_key(&key));
+    ExitCode::SUCCESS
 }
 
 fn healthcheck(path: &Path) -> ExitCode {

@@ -23,15 +23,35 @@ pub enum Outcome {
     Rejected,
     ShadowRejected,
     StoreError,
+    /// The route's `bypass` list: forwarded, not counted.
+    Bypassed,
+    /// The route's `deny` list: 403.
+    Denied,
+    /// `unknown = "reject"`: 401.
+    UnknownConsumer,
 }
 
 impl Outcome {
+    /// Every outcome, in the order of their series in [`RouteMetrics`].
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Allowed,
+        Outcome::Rejected,
+        Outcome::ShadowRejected,
+        Outcome::StoreError,
+        Outcome::Bypassed,
+        Outcome::Denied,
+        Outcome::UnknownConsumer,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Allowed => "allowed",
             Outcome::Rejected => "rejected",
             Outcome::ShadowRejected => "shadow_rejected",
             Outcome::StoreError => "store_error",
+            Outcome::Bypassed => "bypassed",
+            Outcome::Denied => "denied",
+            Outcome::UnknownConsumer => "unknown_consumer",
         }
     }
 }
@@ -39,20 +59,14 @@ impl Outcome {
 /// The series of one route, resolved at load.
 #[derive(Clone)]
 pub struct RouteMetrics {
-    decisions: [Counter; 4],
+    decisions: [Counter; Outcome::ALL.len()],
     classes: [Counter; 5],
     pub upstream_duration: Histogram,
 }
 
 impl RouteMetrics {
     pub fn decision(&self, outcome: Outcome) {
-        let i = match outcome {
-            Outcome::Allowed => 0,
-            Outcome::Rejected => 1,
-            Outcome::ShadowRejected => 2,
-            Outcome::StoreError => 3,
-        };
-        self.decisions[i].inc();
+        self.decisions[outcome as usize].inc();
     }
 
     pub fn response(&self, status: u16) {
@@ -217,12 +231,7 @@ impl Metrics {
                 .get_or_create_owned(&[("route", route.to_string()), ("class", c.to_string())])
         };
         RouteMetrics {
-            decisions: [
-                decision(Outcome::Allowed),
-                decision(Outcome::Rejected),
-                decision(Outcome::ShadowRejected),
-                decision(Outcome::StoreError),
-            ],
+            decisions: Outcome::ALL.map(decision),
             classes: [
                 class("1xx"),
                 class("2xx"),

@@ -1,5 +1,6 @@
-//! The life of one request, in order: sanity checks → route → identity → limiter decision →
-//! reject (429 / 503) or forward → rate-limit headers → metrics and access log, recorded once.
+//! The life of one request, in order: sanity checks → route → identity (client IP, consumer
+//! and plan) → access lists (deny, bypass) → limiter decision → reject (429 / 503 / 403 / 401)
+//! or forward → rate-limit headers → metrics and access log, recorded once.
 //!
 //! [`phases`] runs the steps and leaves by one [`Exit`] when a request cannot go on; [`respond`]
 //! maps each exit to its response in one `match`; [`handle`] adds the rate-limit headers and
@@ -16,6 +17,7 @@ use hyper::body::Incoming;
 use crate::app::{App, Runtime};
 use crate::body::RequestBody;
 use crate::conn::ConnInfo;
+use crate::consumers::{PlanId, Resolved, Unknown};
 use crate::framing;
 use crate::identity::{self, Subject};
 use crate::limiter::{self, Decision, Item};
@@ -27,10 +29,16 @@ use crate::response::{self, Body};
 use crate::route::RequestView;
 use crate::upstream::PooledBody;
 
-/// What the limiter said about one request.
+/// What the limiter (or an access rule before it) said about one request.
 enum Verdict {
-    /// The route has no limits.
+    /// The route has no limits (or none for the request's plan).
     Unlimited,
+    /// The route's `bypass` list names the client: forwarded, not counted.
+    Bypassed,
+    /// The route's `deny` list names the client: 403.
+    Denied,
+    /// `unknown = "reject"` and the request names no known consumer: 401.
+    UnknownConsumer,
     /// Every enforced limit allowed (and counted) the request.
     Admitted(Vec<Item>, Decision),
     /// A limit rejected it; nothing was counted.
@@ -44,6 +52,9 @@ impl Verdict {
     fn outcome(&self) -> Outcome {
         match self {
             Verdict::Unlimited => Outcome::Allowed,
+            Verdict::Bypassed => Outcome::Bypassed,
+            Verdict::Denied => Outcome::Denied,
+            Verdict::UnknownConsumer => Outcome::UnknownConsumer,
             Verdict::Admitted(items, d) if d.shadow_rejected(items) => Outcome::ShadowRejected,
             Verdict::Admitted(..) => Outcome::Allowed,
             Verdict::Rejected(..) => Outcome::Rejected,
@@ -81,8 +92,12 @@ enum Exit {
     NoRoute,
     /// `Content-Length` says the body is over `max_body` (413), before any budget is spent.
     TooLarge(u64),
-    /// A limit rejected the request (429).
+    /// A limit rejected the request (429, or the route's own `rejection`).
     RateLimited { retry_after: u64 },
+    /// The route's `deny` list names the client (403).
+    Denied,
+    /// The route needs a known consumer and the request names none (401).
+    UnknownConsumer,
     /// The store failed and the route fails closed (503).
     StoreDown,
     /// Forwarding failed (502, 504, 413, 408, or the client's own 400 for a bad body).
@@ -94,6 +109,8 @@ enum Exit {
 struct Trail<'r> {
     route: Option<(usize, &'r Route)>,
     verdict: Option<Verdict>,
+    /// The plan whose limits applied.
+    plan: Option<PlanId>,
 }
 
 /// Handles one request end to end. Never fails: every failure is a response by now.
@@ -107,7 +124,7 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
 
     let mut response = match phases(&rt, conn, request, &mut trail, &mut access).await {
         Ok(response) => response,
-        Err(exit) => respond(exit, trail.route.map(|(_, r)| &*r.name)),
+        Err(exit) => respond(exit, trail.route.map(|(_, r)| r)),
     };
 
     // Recorded once, from the final response.
@@ -124,7 +141,7 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
         response::add_rate_limit_headers(
             response.headers_mut(),
             rt.policy.server.rate_limit_headers,
-            route,
+            route.limits_for(trail.plan),
             items,
             d,
         );
@@ -177,9 +194,26 @@ async fn phases<'r>(
         &rt.policy.server.trusted_proxies,
     );
     access.client = Some(client);
-    let verdict = decide(rt, route, &parts, client).await;
+    let consumers = rt.policy.consumers.as_ref();
+    let who = consumers.map_or_else(Resolved::default, |c| c.resolve(&parts));
+    trail.plan = who.plan;
+    let verdict = if route.deny.matches(client, &who) {
+        Verdict::Denied
+    } else if route.bypass.matches(client, &who) {
+        Verdict::Bypassed
+    } else if route.needs_consumer
+        && who.consumer.is_none()
+        && consumers.is_some_and(|c| c.unknown == Unknown::Reject)
+    {
+        Verdict::UnknownConsumer
+    } else {
+        let name = who.consumer.zip(consumers).map(|(i, c)| &*c.get(i).name);
+        decide(rt, route, &parts, client, who.plan, name).await
+    };
     let stop = match &verdict {
-        Verdict::Unlimited | Verdict::StoreFailed(OnStoreError::Allow) => None,
+        Verdict::Unlimited | Verdict::Bypassed | Verdict::StoreFailed(OnStoreError::Allow) => None,
+        Verdict::Denied => Some(Exit::Denied),
+        Verdict::UnknownConsumer => Some(Exit::UnknownConsumer),
         Verdict::Admitted(items, d) => {
             if d.shadow_rejected(items) {
                 logging::shadow_rejected(&route.name, client);
@@ -200,7 +234,7 @@ async fn phases<'r>(
 
     let upstream_started = Instant::now();
     let version = parts.version;
-    let forwarded = forward(rt, route, conn, parts, body).await;
+    let forwarded = forward(rt, route, conn, parts, body, &who).await;
     let elapsed = upstream_started.elapsed();
     rt.route_metrics[index]
         .upstream_duration
@@ -233,13 +267,19 @@ fn select_host(parts: &mut Parts) {
 
 /// Every way out, mapped to its response in one place. Forwarding details (addresses, parser
 /// messages) go to the log, never into a body a client reads.
-fn respond(exit: Exit, route: Option<&str>) -> Response<Body> {
-    let route = route.unwrap_or("-");
+fn respond(exit: Exit, route: Option<&Route>) -> Response<Body> {
+    let rejection = route.and_then(|r| r.rejection.as_ref());
+    let route = route.map_or("-", |r| &*r.name);
     match exit {
         Exit::Malformed(e) => response::malformed(e),
         Exit::NoRoute => response::no_route(),
         Exit::TooLarge(max) => response::payload_too_large(max),
-        Exit::RateLimited { retry_after } => response::rate_limited(route, retry_after),
+        Exit::RateLimited { retry_after } => match rejection {
+            Some(own) => response::custom_rejection(own, retry_after),
+            None => response::rate_limited(route, retry_after),
+        },
+        Exit::Denied => response::denied(route),
+        Exit::UnknownConsumer => response::unknown_consumer(route),
         Exit::StoreDown => response::store_unavailable(route),
         Exit::Upstream(e) => {
             match &e {
@@ -270,16 +310,25 @@ fn respond(exit: Exit, route: Option<&str>) -> Response<Body> {
     }
 }
 
-/// Asks the store, within its timeout.
-async fn decide(rt: &Runtime, route: &Route, parts: &Parts, client: IpAddr) -> Verdict {
-    if !route.is_limited() {
+/// Asks the store, within its timeout, about the limits of the request's plan.
+async fn decide(
+    rt: &Runtime,
+    route: &Route,
+    parts: &Parts,
+    client: IpAddr,
+    plan: Option<PlanId>,
+    consumer: Option<&str>,
+) -> Verdict {
+    let (limits, _) = route.limits_for(plan);
+    if limits.is_empty() {
         return Verdict::Unlimited;
     }
     let subject = Subject {
         parts,
         ip: identity::counted_ip(client, rt.policy.server.ipv6_prefix),
+        consumer,
     };
-    let items = limiter::items_for(route, &subject);
+    let items = limiter::items_for(limits, &route.keys, &subject);
     let result = rt.limiter.decide(&items).await;
     match result {
         Ok(d) if d.admitted => Verdict::Admitted(items, d),
@@ -298,6 +347,7 @@ async fn forward(
     conn: &ConnInfo,
     mut parts: Parts,
     body: Incoming,
+    who: &Resolved,
 ) -> Result<Response<PooledBody>, ProxyError> {
     let server = &rt.policy.server;
     // The received Host as is (a refcount, no copy); HTTP/2 carries it as :authority.
@@ -311,6 +361,8 @@ async fn forward(
     let upgrade = proxy::allowed_upgrade(&mut parts.headers, &server.upgrades);
     let peer_trusted = identity::is_trusted(conn.peer.ip(), &server.trusted_proxies);
     proxy::strip_hop_by_hop(&mut parts.headers, upgrade, &rt.policy.key_headers);
+    // After the hop-by-hop pass: a `Connection` nomination cannot remove what tollgate sets.
+    proxy::set_consumer_headers(&mut parts.headers, rt.policy.consumers.as_ref(), who);
     // The upstream request's framing is hyper's, computed from the body: never the client's.
     parts.headers.remove(header::CONTENT_LENGTH);
     proxy::set_forwarding_headers(

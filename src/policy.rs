@@ -15,6 +15,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Method};
 use ipnet::IpNet;
 
+use crate::consumers::{Consumers, PlanId, Resolved};
 use crate::limiter::algorithm::Algorithm;
 
 /// Everything one proxy.toml says.
@@ -28,6 +29,11 @@ pub struct Policy {
     pub key_headers: Vec<HeaderName>,
     /// blake3 of the file's bytes, hex: shown by `check` and as a metric label.
     pub source_hash: String,
+    /// `[consumers]` with its file, when configured.
+    pub consumers: Option<Consumers>,
+    /// Other files the policy was read from (the consumers file), with the content hash that
+    /// was loaded: the reload watcher reloads when one changes.
+    pub also_read: Vec<(PathBuf, String)>,
 }
 
 /// The `[server]` table.
@@ -231,6 +237,24 @@ pub struct Route {
     pub on_store_error: OnStoreError,
     /// `RateLimit-Policy` for this route (enforced limits only), prepared at load.
     pub policy_header: Option<HeaderValue>,
+    /// Per plan ([`PlanId`]): the limits as that plan overrides them, or `None` where the plan
+    /// overrides none of this route's limits (then [`Route::limits`] apply).
+    pub plans: Vec<Option<PlanLimits>>,
+    /// A limit is keyed by consumer or has a `plans` table: `unknown = "reject"` applies.
+    pub needs_consumer: bool,
+    /// `bypass`: forwarded, not counted.
+    pub bypass: AccessList,
+    /// `deny`: 403, not forwarded (checked before `bypass`).
+    pub deny: AccessList,
+    /// `rejection`: what a 429 of this route looks like instead of the default.
+    pub rejection: Option<Rejection>,
+}
+
+/// A route's limits for one plan: plan overrides applied, `"unlimited"` ones left out.
+#[derive(Debug)]
+pub struct PlanLimits {
+    pub limits: Vec<Limit>,
+    pub policy_header: Option<HeaderValue>,
 }
 
 impl Route {
@@ -238,6 +262,47 @@ impl Route {
     pub fn is_limited(&self) -> bool {
         !self.limits.is_empty()
     }
+
+    /// The limits that apply to a request of `plan`, and their `RateLimit-Policy`.
+    pub fn limits_for(&self, plan: Option<PlanId>) -> (&[Limit], Option<&HeaderValue>) {
+        match plan.and_then(|p| self.plans.get(usize::from(p))) {
+            Some(Some(own)) => (&own.limits, own.policy_header.as_ref()),
+            _ => (&self.limits, self.policy_header.as_ref()),
+        }
+    }
+}
+
+/// A route's `bypass` or `deny` list.
+#[derive(Debug, Default)]
+pub struct AccessList {
+    pub ips: Vec<IpNet>,
+    /// Indexes into the consumers list.
+    pub consumers: Vec<u32>,
+}
+
+impl AccessList {
+    pub fn is_empty(&self) -> bool {
+        self.ips.is_empty() && self.consumers.is_empty()
+    }
+
+    /// Whether the client (IP as resolved through trusted proxies) or its consumer is listed.
+    pub fn matches(&self, client: std::net::IpAddr, who: &Resolved) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let ip = client.to_canonical();
+        self.ips.iter().any(|net| net.contains(&ip))
+            || who.consumer.is_some_and(|c| self.consumers.contains(&c))
+    }
+}
+
+/// A route's own 429: status, body, content type and extra headers.
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    pub status: http::StatusCode,
+    pub content_type: HeaderValue,
+    pub body: bytes::Bytes,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// What a route does when the store fails or is slower than its timeout.
@@ -265,6 +330,8 @@ pub enum KeySource {
     Header(HeaderName),
     Query(String),
     Global,
+    /// The consumer's name (`by = "consumer"`); the client IP for anonymous requests.
+    Consumer,
 }
 
 impl std::fmt::Display for KeySource {
@@ -274,6 +341,7 @@ impl std::fmt::Display for KeySource {
             KeySource::Header(name) => write!(f, "header:{name}"),
             KeySource::Query(name) => write!(f, "query:{name}"),
             KeySource::Global => f.write_str("global"),
+            KeySource::Consumer => f.write_str("consumer"),
         }
     }
 }

@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::{BodyFault, BodyWatch, RequestBody, error_chain};
 use crate::conn::{ConnInfo, Cut};
+use crate::consumers::{Consumers, Resolved};
 use crate::policy::Upstream;
 use crate::timeouts::{Activity, Tracked};
 use crate::upstream::{PooledBody, TargetPool, UpstreamError};
@@ -97,6 +98,30 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
+
+/// The consumer headers upstreams may trust: a client's own copies removed from every
+/// request, tollgate's set when the request named a known consumer.
+pub fn set_consumer_headers(
+    headers: &mut HeaderMap,
+    consumers: Option<&Consumers>,
+    who: &Resolved,
+) {
+    headers.remove(X_TOLLGATE_CONSUMER);
+    headers.remove(X_TOLLGATE_PLAN);
+    let (Some(table), Some(index)) = (consumers, who.consumer) else {
+        return;
+    };
+    headers.insert(X_TOLLGATE_CONSUMER, table.get(index).header.clone());
+    if let Some(plan) = who.plan {
+        headers.insert(
+            X_TOLLGATE_PLAN,
+            table.plan_headers[usize::from(plan)].clone(),
+        );
+    }
+}
+
+pub const X_TOLLGATE_CONSUMER: HeaderName = HeaderName::from_static("x-tollgate-consumer");
+pub const X_TOLLGATE_PLAN: HeaderName = HeaderName::from_static("x-tollgate-plan");
 
 /// Removes hop-by-hop headers: the fixed list and whatever `Connection` names (except the
 /// [`protected`] ones). `keep_upgrade` keeps `Upgrade` (and sets `Connection: upgrade`) for a

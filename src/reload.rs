@@ -1,5 +1,5 @@
-//! Reload triggers: `SIGHUP`, and any change of the config file's content (unless
-//! `[server] watch_config = false`). The file is polled
+//! Reload triggers: `SIGHUP`, and any change of the content of the config file or of a file
+//! it names (the consumers file), unless `[server] watch_config = false`. Files are polled
 //! (every 500 ms, reading through symlinks), which sees every way files really change (in-place
 //! writes, write-then-rename, a swapped symlink target, delete then recreate) without depending
 //! on inotify semantics. A change is loaded only once two reads 200 ms apart agree, so a
@@ -34,6 +34,8 @@ pub async fn watch(app: Arc<App>, shutdown: impl std::future::Future<Output = ()
     // right after startup must not be mistaken for the loaded content.
     let mut seen = Some(app.runtime().policy.source_hash.clone());
     let mut missing_logged = false;
+    // Content of the other files last loaded or refused: a bad consumers file is tried once.
+    let mut tried: Vec<(PathBuf, String)> = Vec::new();
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -53,6 +55,10 @@ pub async fn watch(app: Arc<App>, shutdown: impl std::future::Future<Output = ()
         }
         let current = read(&path);
         if current.as_deref().map(crate::config::source_hash) == seen {
+            if also_read_changed(&app, &mut tried).await {
+                tracing::info!("a file the config names changed: reloading");
+                let _ = app.reload(None);
+            }
             continue;
         }
         let Some(first) = current else {
@@ -80,6 +86,27 @@ pub async fn watch(app: Arc<App>, shutdown: impl std::future::Future<Output = ()
             }
         }
     }
+}
+
+/// Whether a file the loaded policy read besides the config (the consumers file) now holds
+/// content neither loaded nor tried before, and holds it still (two reads a settle apart
+/// agree). `tried` remembers what was tried, so a bad file is refused once, not every poll.
+async fn also_read_changed(app: &App, tried: &mut Vec<(PathBuf, String)>) -> bool {
+    let files = app.runtime().policy.also_read.clone();
+    for (path, loaded) in files {
+        let Some(now) = read(&path) else { continue };
+        let hash = crate::config::source_hash(&now);
+        if hash == loaded || tried.iter().any(|(p, h)| *p == path && *h == hash) {
+            continue;
+        }
+        tokio::time::sleep(SETTLE).await;
+        if read(&path).as_ref() == Some(&now) {
+            tried.retain(|(p, _)| *p != path);
+            tried.push((path, hash));
+            return true;
+        }
+    }
+    false
 }
 
 #[cfg(unix)]

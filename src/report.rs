@@ -127,6 +127,39 @@ pub fn summary(policy: &Policy, file: &str) -> String {
             format_duration(u.timeout)
         );
     }
+    if let Some(c) = &policy.consumers {
+        let key = match &c.key {
+            crate::consumers::KeyFrom::Header(name) => format!("header:{name}"),
+            crate::consumers::KeyFrom::Query(name) => format!("query:{name}"),
+        };
+        let plan_name = |p: Option<crate::consumers::PlanId>| {
+            p.map_or("none".to_string(), |p| c.plans[usize::from(p)].to_string())
+        };
+        let _ = writeln!(
+            out,
+            "consumers: {} with {} key hash(es), named by {key}; plans {}; default plan {}; unknown keys: {}",
+            c.list.len(),
+            c.keys,
+            if c.plans.is_empty() {
+                "none".to_string()
+            } else {
+                c.plans.join(", ")
+            },
+            plan_name(c.default_plan),
+            match c.unknown {
+                crate::consumers::Unknown::Anonymous => "anonymous (counted by IP)",
+                crate::consumers::Unknown::Reject => "rejected with 401 on consumer-keyed routes",
+            }
+        );
+        for (i, plan) in c.plans.iter().enumerate() {
+            let members = c
+                .list
+                .iter()
+                .filter(|m| m.plan == Some(i as crate::consumers::PlanId))
+                .count();
+            let _ = writeln!(out, "  plan {plan}: {members} consumer(s)");
+        }
+    }
     let _ = writeln!(out, "{} route(s), first match wins:", policy.routes.len());
     for r in &policy.routes {
         let on_error = match r.on_store_error {
@@ -145,6 +178,44 @@ pub fn summary(policy: &Policy, file: &str) -> String {
         }
         for l in &r.limits {
             let _ = writeln!(out, "    {}: {}", l.name, describe_limit(l, &r.keys[l.key]));
+            let Some(c) = &policy.consumers else { continue };
+            for (p, plan) in c.plans.iter().enumerate() {
+                let Some(own) = &r.plans[p] else { continue };
+                // The plan's view keeps the limits it does not make unlimited, in order.
+                let kept = own.limits.iter().find(|o| o.name == l.name);
+                let line = match kept {
+                    None => "unlimited (not counted)".to_string(),
+                    Some(o) if o.quota == l.quota && o.algorithm == l.algorithm => continue,
+                    Some(o) => format!(
+                        "{} (quota {} per {} s)",
+                        o.rate_text, o.quota, o.window_secs
+                    ),
+                };
+                let _ = writeln!(out, "      plan {plan}: {line}");
+            }
+        }
+        for (what, list) in [("deny", &r.deny), ("bypass", &r.bypass)] {
+            if list.is_empty() {
+                continue;
+            }
+            let mut names: Vec<String> = list.ips.iter().map(|n| n.to_string()).collect();
+            if let Some(c) = &policy.consumers {
+                names.extend(
+                    list.consumers
+                        .iter()
+                        .map(|&i| format!("consumer {}", c.get(i).name)),
+                );
+            }
+            let _ = writeln!(out, "    {what}: {}", names.join(", "));
+        }
+        if let Some(j) = &r.rejection {
+            let _ = writeln!(
+                out,
+                "    rejection: {} {} ({} byte body)",
+                j.status.as_u16(),
+                j.content_type.to_str().unwrap_or("?"),
+                j.body.len()
+            );
         }
     }
     for (route, earlier) in shadowed_routes(policy) {
@@ -218,15 +289,61 @@ pub async fn explain(
         describe_match(&route.matcher),
         route.upstream.name
     );
-    if route.limits.is_empty() {
+    let who = policy
+        .consumers
+        .as_ref()
+        .map_or_else(Default::default, |c| c.resolve(&parts));
+    let consumer = who
+        .consumer
+        .zip(policy.consumers.as_ref())
+        .map(|(i, c)| c.get(i));
+    if let Some(c) = &policy.consumers {
+        let plan = who
+            .plan
+            .map_or("none".to_string(), |p| c.plans[usize::from(p)].to_string());
+        let _ = match consumer {
+            Some(m) => writeln!(out, "consumer {} (plan {plan})", m.name),
+            None if who.presented => {
+                writeln!(out, "consumer: the key names no consumer (plan {plan})")
+            }
+            None => writeln!(out, "consumer: no key presented (plan {plan})"),
+        };
+    }
+    if route.deny.matches(client, &who) {
+        let _ = writeln!(
+            out,
+            "denied: the route's deny list names this client: 403, not forwarded"
+        );
+        return out;
+    }
+    if route.bypass.matches(client, &who) {
+        let _ = writeln!(
+            out,
+            "bypassed: the route's bypass list names this client: forwarded, not counted"
+        );
+        return out;
+    }
+    if route.needs_consumer
+        && consumer.is_none()
+        && policy
+            .consumers
+            .as_ref()
+            .is_some_and(|c| c.unknown == crate::consumers::Unknown::Reject)
+    {
+        let _ = writeln!(out, "unknown consumer: 401, not forwarded");
+        return out;
+    }
+    let (limits, _) = route.limits_for(who.plan);
+    if limits.is_empty() {
         let _ = writeln!(out, "no limits: forwarded as is");
         return out;
     }
     let subject = Subject {
         parts: &parts,
         ip: counted,
+        consumer: consumer.map(|m| &*m.name),
     };
-    let items = limiter::items_for(route, &subject);
+    let items = limiter::items_for(limits, &route.keys, &subject);
     let (store_line, decision) = match &policy.store {
         StoreSettings::Memory { .. } => (
             "store memory: the counters live inside the running tollgate process; explain cannot read them".to_string(),
@@ -268,12 +385,12 @@ pub async fn explain(
             OnStoreError::Deny => "deny (503)",
         }
     );
-    for (i, (limit, item)) in route.limits.iter().zip(&items).enumerate() {
+    for (i, (limit, item)) in limits.iter().zip(&items).enumerate() {
         let spec = &route.keys[limit.key];
         let sources: Vec<String> = spec
             .0
             .iter()
-            .map(|s| describe_source(s, &parts, counted))
+            .map(|s| describe_source(s, &parts, counted, subject.consumer))
             .collect();
         let _ = writeln!(out, "  {}: {}", limit.name, describe_limit(limit, spec));
         let _ = writeln!(out, "    identity: {}", sources.join(", "));
@@ -328,9 +445,14 @@ fn describe_source(
     source: &crate::policy::KeySource,
     parts: &http::request::Parts,
     ip: std::net::IpAddr,
+    consumer: Option<&str>,
 ) -> String {
     use crate::policy::KeySource;
     match source {
+        KeySource::Consumer => match consumer {
+            Some(name) => format!("consumer {name}"),
+            None => format!("no known consumer: counted under ip {ip}"),
+        },
         KeySource::Ip => format!("ip {ip}"),
         KeySource::Global => "global (one counter for the route)".to_string(),
         KeySource::Header(name) => {

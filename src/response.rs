@@ -8,7 +8,7 @@ use http_body_util::{Either, Full};
 
 use crate::limiter::algorithm::{Micros, Outcome};
 use crate::limiter::{Decision, Item};
-use crate::policy::{HeaderStyle, Limit, Mode, Route};
+use crate::policy::{HeaderStyle, Limit, Mode, Rejection};
 
 /// Responses carry either the upstream's streamed body or one of ours, built whole.
 pub type Body = Either<crate::upstream::PooledBody, Full<Bytes>>;
@@ -69,6 +69,40 @@ pub fn rate_limited(route: &str, retry_after_secs: u64) -> Response<Body> {
     r.headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
     r
+}
+
+/// A route's own rejection (`rejection = { ... }`) instead of the 429 problem document;
+/// `Retry-After` as on the default one.
+pub fn custom_rejection(rejection: &Rejection, retry_after_secs: u64) -> Response<Body> {
+    let mut r = Response::new(full(rejection.body.clone()));
+    *r.status_mut() = rejection.status;
+    let headers = r.headers_mut();
+    headers.insert(CONTENT_TYPE, rejection.content_type.clone());
+    for (name, value) in &rejection.headers {
+        headers.append(name.clone(), value.clone());
+    }
+    headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    r
+}
+
+/// 403: the route's `deny` list names the client or its consumer.
+pub fn denied(route: &str) -> Response<Body> {
+    problem(
+        StatusCode::FORBIDDEN,
+        "denied",
+        &format!("Route \"{route}\" does not serve this client."),
+        &[("route", route.into())],
+    )
+}
+
+/// 401: the route counts per consumer, and the request names none that is known.
+pub fn unknown_consumer(route: &str) -> Response<Body> {
+    problem(
+        StatusCode::UNAUTHORIZED,
+        "unknown-consumer",
+        &format!("Route \"{route}\" needs a known API key."),
+        &[("route", route.into())],
+    )
 }
 
 /// 404: no route matches.
@@ -162,12 +196,11 @@ pub fn internal_error() -> Response<Body> {
 /// the one that resets soonest. Enforced limits are preferred: a shadow limit is reported only
 /// on a route that has no enforced one (it binds nobody).
 fn closest<'a>(
-    route: &'a Route,
+    limits: &'a [Limit],
     items: &[Item],
     decision: &Decision,
 ) -> Option<(&'a Limit, u64, u64)> {
-    route
-        .limits
+    limits
         .iter()
         .zip(items.iter().zip(&decision.outcomes))
         .map(|(limit, (_, o)): (&Limit, (&Item, &Outcome))| {
@@ -205,21 +238,23 @@ fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
 }
 
 /// Adds `RateLimit-Policy` / `RateLimit` (IETF draft 11) and/or `X-RateLimit-*` per `style`.
+/// `limits` are the limits that applied to the request (its plan's, see
+/// [`Route::limits_for`](crate::policy::Route::limits_for)) with their `RateLimit-Policy`.
 pub fn add_rate_limit_headers(
     headers: &mut HeaderMap,
     style: HeaderStyle,
-    route: &Route,
+    (limits, policy_header): (&[Limit], Option<&HeaderValue>),
     items: &[Item],
     decision: &Decision,
 ) {
     if style == HeaderStyle::None {
         return;
     }
-    let Some((limit, remaining, reset)) = closest(route, items, decision) else {
+    let Some((limit, remaining, reset)) = closest(limits, items, decision) else {
         return;
     };
     if style.ietf() {
-        if let Some(policy) = &route.policy_header {
+        if let Some(policy) = policy_header {
             headers.insert(RATELIMIT_POLICY, policy.clone());
         }
         // Written by hand: this runs on every response, and `format!` was a third of the
@@ -246,6 +281,7 @@ pub fn add_rate_limit_headers(
 mod tests {
     use super::*;
     use crate::config;
+    use crate::policy::Route;
     use http_body_util::BodyExt;
     use std::path::Path;
 
@@ -312,7 +348,7 @@ mod tests {
             ],
         };
         let mut h = HeaderMap::new();
-        add_rate_limit_headers(&mut h, HeaderStyle::Both, r, &items, &d);
+        add_rate_limit_headers(&mut h, HeaderStyle::Both, r.limits_for(None), &items, &d);
         assert_eq!(h[RATELIMIT], "\"api/0\";r=97;t=1");
         assert_eq!(h[X_RATELIMIT_LIMIT], "100");
         assert_eq!(h[X_RATELIMIT_REMAINING], "97");
@@ -326,7 +362,7 @@ mod tests {
             ],
         };
         let mut h = HeaderMap::new();
-        add_rate_limit_headers(&mut h, HeaderStyle::Ietf, r, &items, &d);
+        add_rate_limit_headers(&mut h, HeaderStyle::Ietf, r.limits_for(None), &items, &d);
         assert_eq!(h[RATELIMIT], "\"api/1\";r=5;t=2");
         assert!(!h.contains_key(X_RATELIMIT_LIMIT));
         // A denying limit shows r=0 even when some units remain (cost larger than them).
@@ -338,7 +374,7 @@ mod tests {
             ],
         };
         let mut h = HeaderMap::new();
-        add_rate_limit_headers(&mut h, HeaderStyle::Legacy, r, &items, &d);
+        add_rate_limit_headers(&mut h, HeaderStyle::Legacy, r.limits_for(None), &items, &d);
         assert_eq!(h[X_RATELIMIT_REMAINING], "0");
         assert!(!h.contains_key(RATELIMIT));
         assert_eq!(retry_after_secs(&items, &d), 4);
@@ -379,7 +415,13 @@ mod tests {
             outcomes: vec![outcome(false, 0, 1, 1)],
         };
         let mut h = HeaderMap::new();
-        add_rate_limit_headers(&mut h, HeaderStyle::Ietf, &p.routes[0], &one, &d);
+        add_rate_limit_headers(
+            &mut h,
+            HeaderStyle::Ietf,
+            p.routes[0].limits_for(None),
+            &one,
+            &d,
+        );
         assert_eq!(
             h[RATELIMIT], "\"api\";r=0;t=1",
             "a shadow-only route reports its shadow limit"
@@ -393,7 +435,13 @@ mod tests {
             outcomes: vec![outcome(false, 0, 1, 1), outcome(true, 8, 1, 0)],
         };
         let mut h = HeaderMap::new();
-        add_rate_limit_headers(&mut h, HeaderStyle::Ietf, &p.routes[0], &both, &d);
+        add_rate_limit_headers(
+            &mut h,
+            HeaderStyle::Ietf,
+            p.routes[0].limits_for(None),
+            &both,
+            &d,
+        );
         assert_eq!(h[RATELIMIT_POLICY], "\"api/0\";q=1;w=1, \"api/1\";q=9;w=1");
         assert_eq!(
             h[RATELIMIT], "\"api/1\";r=8;t=1",

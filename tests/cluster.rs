@@ -67,8 +67,9 @@ fn store_keys(tg: &tollgate::Running, route: &str, api_key: Option<&str>) -> Vec
     let subject = tollgate::identity::Subject {
         parts: &parts,
         ip: "127.0.0.1".parse().unwrap(),
+        consumer: None,
     };
-    tollgate::limiter::items_for(route, &subject)
+    tollgate::limiter::items_for(&route.limits, &route.keys, &subject)
         .iter()
         .map(|item| tollgate::limiter::redis::key_name(&settings.prefix, item.id, &item.tag))
         .collect()

@@ -1,6 +1,7 @@
 //! Reading proxy.toml: parse (toml + serde, unknown keys refused), then validate once into a
 //! typed [`Policy`]. Every error names the file, line and column of the offending value.
 
+mod consumers;
 mod raw;
 mod syntax;
 pub mod units;
@@ -94,7 +95,7 @@ static KEY_HINTS: LazyLock<[(&str, String); 8]> = LazyLock::new(|| {
         ),
         (
             "by",
-            "expected by = \"ip\", \"header:NAME\", \"query:NAME\", \"global\", or a list of these"
+            "expected by = \"ip\", \"header:NAME\", \"query:NAME\", \"global\", \"consumer\", or a list of these"
                 .to_string(),
         ),
     ]
@@ -146,7 +147,14 @@ pub fn load(path: &Path) -> Result<Policy, ConfigErrors> {
 
 /// Parses and validates config text. `file` is the name errors carry.
 pub fn parse(source: &str, file: &str, base_dir: &Path) -> Result<Policy, ConfigErrors> {
-    let raw: raw::RawConfig = toml::from_str(source).map_err(|e| {
+    let raw: raw::RawConfig = parse_toml(source, file)?;
+    validate::validate(raw, file, source, base_dir)
+}
+
+/// Parses one TOML file tollgate reads into its raw structs, with errors at file:line:column
+/// (the syntax pre-scan's words where toml's mislead, and a hint of what a key takes).
+fn parse_toml<T: serde::de::DeserializeOwned>(source: &str, file: &str) -> Result<T, ConfigErrors> {
+    toml::from_str(source).map_err(|e| {
         let message = e.message().trim().replace('\n', " ");
         let offset = e.span().map_or(0, |span| span.start);
         // Where toml's words or position mislead (a slip reported where the parser gave up),
@@ -159,8 +167,7 @@ pub fn parse(source: &str, file: &str, base_dir: &Path) -> Result<Policy, Config
         let line_text = source.lines().nth(line - 1).unwrap_or("");
         let before: String = line_text.chars().take(column.saturating_sub(1)).collect();
         ConfigErrors::single(file, line, column, with_hint(message, &before))
-    })?;
-    validate::validate(raw, file, source, base_dir)
+    })
 }
 
 #[cfg(test)]

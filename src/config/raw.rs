@@ -20,6 +20,36 @@ pub struct RawConfig {
     pub upstreams: BTreeMap<String, S<RawUpstream>>,
     #[serde(default)]
     pub routes: Vec<S<RawRoute>>,
+    pub consumers: Option<S<RawConsumers>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsumers {
+    pub key: S<String>,
+    pub file: Option<S<String>>,
+    #[serde(default)]
+    pub plans: Vec<S<String>>,
+    pub default_plan: Option<S<String>>,
+    pub unknown: Option<S<String>>,
+    pub plan_from: Option<S<String>>,
+}
+
+/// consumers.toml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsumersFile {
+    #[serde(default)]
+    pub consumer: Vec<S<RawConsumer>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsumer {
+    pub name: S<String>,
+    pub plan: Option<S<String>>,
+    #[serde(default)]
+    pub keys: Vec<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +120,28 @@ pub struct RawRoute {
     pub on_store_error: Option<S<String>>,
     #[serde(default)]
     pub limits: Vec<S<RawLimit>>,
+    pub bypass: Option<S<RawAccess>>,
+    pub deny: Option<S<RawAccess>>,
+    pub rejection: Option<S<RawRejection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccess {
+    #[serde(default)]
+    pub ips: Vec<S<String>>,
+    #[serde(default)]
+    pub consumers: Vec<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRejection {
+    pub status: Option<S<i64>>,
+    pub content_type: Option<S<String>>,
+    pub body: Option<S<String>>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,4 +165,6 @@ pub struct RawLimit {
     pub cost: Option<S<i64>>,
     pub mode: Option<S<String>>,
     pub batch: Option<S<i64>>,
+    /// Per plan: `"unlimited"` or `{ rate, burst }`; checked by validation.
+    pub plans: Option<S<BTreeMap<String, S<toml::Value>>>>,
 }

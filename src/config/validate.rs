@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use super::raw::*;
 use super::units::{self, Rate};
 use super::{ConfigError, ConfigErrors};
+use crate::consumers::Consumers;
 use crate::limiter::algorithm::{Algorithm, Kind};
 use crate::policy::*;
 
@@ -24,15 +25,25 @@ use crate::policy::*;
 /// doubles are exact integers up to 2^53.
 const EXACT_LIMIT: u128 = 1 << 52;
 
-struct Validator<'a> {
+/// Collects every error of one file, each at its line and column.
+pub(super) struct Validator<'a> {
     file: &'a str,
     source: &'a str,
-    base_dir: &'a Path,
-    errors: Vec<ConfigError>,
+    pub(super) base_dir: &'a Path,
+    pub(super) errors: Vec<ConfigError>,
 }
 
-impl Validator<'_> {
-    fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+impl<'a> Validator<'a> {
+    pub(super) fn new(file: &'a str, source: &'a str, base_dir: &'a Path) -> Validator<'a> {
+        Validator {
+            file,
+            source,
+            base_dir,
+            errors: Vec::new(),
+        }
+    }
+
+    pub(super) fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
         let (line, column) = line_column(self.source, span.start);
         self.errors.push(ConfigError {
             file: self.file.to_string(),
@@ -66,7 +77,7 @@ impl Validator<'_> {
         d
     }
 
-    fn one_of<T: Copy>(
+    pub(super) fn one_of<T: Copy>(
         &mut self,
         value: &Option<S<String>>,
         what: &str,
@@ -107,18 +118,30 @@ pub fn validate(
     source: &str,
     base_dir: &Path,
 ) -> Result<Policy, ConfigErrors> {
-    let mut v = Validator {
-        file,
-        source,
-        base_dir,
-        errors: Vec::new(),
-    };
+    let mut v = Validator::new(file, source, base_dir);
     let server = server(&mut v, &raw.server);
     let store = store(&mut v, raw.store.as_ref());
     let upstreams = upstreams(&mut v, &raw.upstreams);
-    let routes = routes(&mut v, &raw.routes, &upstreams);
+    let (consumers, also_read) = match raw.consumers.as_ref() {
+        None => (None, Vec::new()),
+        Some(c) => match super::consumers::consumers(&mut v, c) {
+            Some((table, file)) => (Some(table), file.into_iter().collect()),
+            None => (None, Vec::new()),
+        },
+    };
+    let consumers_failed = raw.consumers.is_some() && consumers.is_none();
+    let routes = routes(
+        &mut v,
+        &raw.routes,
+        &upstreams,
+        consumers.as_ref(),
+        consumers_failed,
+    );
     if v.errors.is_empty() {
         let mut key_headers: Vec<HeaderName> = Vec::new();
+        if let Some(crate::consumers::KeyFrom::Header(name)) = consumers.as_ref().map(|c| &c.key) {
+            key_headers.push(name.clone());
+        }
         for source in routes
             .iter()
             .flat_map(|r| r.keys.iter().flat_map(|k| k.0.iter()))
@@ -136,6 +159,8 @@ pub fn validate(
             routes,
             key_headers,
             source_hash: super::source_hash(source.as_bytes()),
+            consumers,
+            also_read,
         })
     } else {
         Err(ConfigErrors(v.errors))
@@ -606,6 +631,8 @@ fn routes(
     v: &mut Validator,
     raw: &[S<RawRoute>],
     upstreams: &BTreeMap<String, Arc<Upstream>>,
+    consumers: Option<&Consumers>,
+    consumers_failed: bool,
 ) -> Vec<Route> {
     let mut seen: HashMap<String, ()> = HashMap::new();
     let mut out = Vec::new();
@@ -663,6 +690,7 @@ fn routes(
         );
         let mut keys: Vec<KeySpec> = Vec::new();
         let mut limits = Vec::new();
+        let mut rules: Vec<Vec<PlanRule>> = Vec::new();
         let mut identities: HashMap<String, u32> = HashMap::new();
         let several = r.limits.len() > 1;
         for (index, l) in r.limits.iter().enumerate() {
@@ -671,10 +699,24 @@ fn routes(
             } else {
                 name.clone()
             };
-            if let Some(limit) = limit(v, l, policy_name, &name, &mut keys, &mut identities) {
+            let context = LimitContext {
+                route_name: &name,
+                consumers,
+                consumers_failed,
+            };
+            if let Some((limit, plan_rules)) =
+                limit(v, l, policy_name, &mut keys, &mut identities, &context)
+            {
                 limits.push(limit);
+                rules.push(plan_rules);
             }
         }
+        let plans = plan_limits(&limits, &rules, consumers.map_or(0, |c| c.plans.len()));
+        let needs_consumer = keys.iter().any(|k| k.0.contains(&KeySource::Consumer))
+            || r.limits.iter().any(|l| l.get_ref().plans.is_some());
+        let bypass = access_list(v, r.bypass.as_ref(), "bypass", consumers);
+        let deny = access_list(v, r.deny.as_ref(), "deny", consumers);
+        let rejection = r.rejection.as_ref().and_then(|j| rejection(v, j));
         // Approximate mode is per route: a route whose every decision goes to the store anyway
         // would gain nothing from leasing some of its limits.
         let batched = r
@@ -702,9 +744,150 @@ fn routes(
             keys,
             on_store_error,
             policy_header,
+            plans,
+            needs_consumer,
+            bypass,
+            deny,
+            rejection,
         });
     }
     out
+}
+
+/// Each plan's view of a route's limits; `None` for a plan that overrides none of them.
+fn plan_limits(limits: &[Limit], rules: &[Vec<PlanRule>], plans: usize) -> Vec<Option<PlanLimits>> {
+    (0..plans)
+        .map(|plan| {
+            if rules
+                .iter()
+                .all(|r| matches!(r.get(plan), None | Some(PlanRule::Same)))
+            {
+                return None;
+            }
+            let own: Vec<Limit> = limits
+                .iter()
+                .zip(rules)
+                .filter_map(|(limit, r)| match r.get(plan) {
+                    None | Some(PlanRule::Same) => Some(limit.clone()),
+                    Some(PlanRule::Unlimited) => None,
+                    Some(PlanRule::Own(l)) => Some((**l).clone()),
+                })
+                .collect();
+            Some(PlanLimits {
+                policy_header: policy_header(&own),
+                limits: own,
+            })
+        })
+        .collect()
+}
+
+/// A route's `bypass` / `deny`: IP networks (or single addresses) and consumer names.
+fn access_list(
+    v: &mut Validator,
+    raw: Option<&S<RawAccess>>,
+    what: &str,
+    consumers: Option<&Consumers>,
+) -> AccessList {
+    let mut out = AccessList::default();
+    let Some(raw) = raw else { return out };
+    let a = raw.get_ref();
+    for ip in &a.ips {
+        let text = ip.get_ref().trim();
+        let net = text
+            .parse::<IpNet>()
+            .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+        match net {
+            Ok(net) => out.ips.push(net),
+            Err(_) => v.error(
+                ip.span(),
+                format!("invalid address \"{text}\" in `{what}`; expected an IP or a CIDR such as \"10.0.0.0/8\""),
+            ),
+        }
+    }
+    for c in &a.consumers {
+        let name = c.get_ref();
+        match consumers.map(|t| t.list.iter().position(|x| &*x.name == name)) {
+            Some(Some(i)) => out.consumers.push(i as u32),
+            Some(None) => v.error(
+                c.span(),
+                format!("unknown consumer \"{name}\" in `{what}`; it is not in the consumers file"),
+            ),
+            None => v.error(
+                c.span(),
+                format!("`{what}` names consumers, but there is no [consumers] table"),
+            ),
+        }
+    }
+    out
+}
+
+/// A route's `rejection`: its own status (400–599), body, content type and headers for 429s.
+fn rejection(v: &mut Validator, raw: &S<RawRejection>) -> Option<Rejection> {
+    let j = raw.get_ref();
+    let status = match &j.status {
+        None => http::StatusCode::TOO_MANY_REQUESTS,
+        Some(s) => match u16::try_from(*s.get_ref())
+            .ok()
+            .filter(|n| (400..=599).contains(n))
+            .and_then(|n| http::StatusCode::from_u16(n).ok())
+        {
+            Some(code) => code,
+            None => {
+                v.error(
+                    s.span(),
+                    format!(
+                        "invalid rejection status {}; expected 400 to 599",
+                        s.get_ref()
+                    ),
+                );
+                return None;
+            }
+        },
+    };
+    let content_type = match &j.content_type {
+        None => HeaderValue::from_static("text/plain; charset=utf-8"),
+        Some(t) => match HeaderValue::from_str(t.get_ref()) {
+            Ok(h) => h,
+            Err(_) => {
+                v.error(t.span(), "invalid content_type; expected a header value");
+                return None;
+            }
+        },
+    };
+    let mut headers = Vec::new();
+    for (name, value) in &j.headers {
+        let Ok(header) = HeaderName::from_str(name) else {
+            v.error(
+                value.span(),
+                format!("invalid header name \"{name}\" in `rejection`"),
+            );
+            continue;
+        };
+        let reserved = [
+            "content-type",
+            "content-length",
+            "retry-after",
+            "transfer-encoding",
+            "connection",
+        ];
+        if reserved.contains(&header.as_str()) || header.as_str().starts_with("ratelimit") {
+            v.error(
+                value.span(),
+                format!("`rejection` cannot set {header}: tollgate sets it"),
+            );
+            continue;
+        }
+        match HeaderValue::from_str(value.get_ref()) {
+            Ok(h) => headers.push((header, h)),
+            Err(_) => v.error(value.span(), format!("invalid value for header {name}")),
+        }
+    }
+    Some(Rejection {
+        status,
+        content_type,
+        body: bytes::Bytes::from(j.body.clone().map(|b| b.into_inner()).unwrap_or_default()),
+        headers,
+    })
 }
 
 fn matcher(v: &mut Validator, m: &RawMatch) -> Matcher {
@@ -781,11 +964,11 @@ fn matcher(v: &mut Validator, m: &RawMatch) -> Matcher {
     out
 }
 
-fn key_spec(v: &mut Validator, by: Option<&S<toml::Value>>) -> Option<KeySpec> {
+fn key_spec(v: &mut Validator, by: Option<&S<toml::Value>>, consumers: bool) -> Option<KeySpec> {
     let Some(by) = by else {
         return Some(KeySpec(vec![KeySource::Ip]));
     };
-    let help = "expected \"ip\", \"header:NAME\", \"query:NAME\", \"global\", or a list of these";
+    let help = "expected \"ip\", \"header:NAME\", \"query:NAME\", \"global\", \"consumer\", or a list of these";
     let items: Vec<&str> = match by.get_ref() {
         toml::Value::String(s) => vec![s.as_str()],
         toml::Value::Array(a) if !a.is_empty() => {
@@ -811,6 +994,16 @@ fn key_spec(v: &mut Validator, by: Option<&S<toml::Value>>) -> Option<KeySpec> {
         let source = match item.split_once(':') {
             None if item == "ip" => KeySource::Ip,
             None if item == "global" => KeySource::Global,
+            None if item == "consumer" => {
+                if !consumers {
+                    v.error(
+                        by.span(),
+                        "`by = \"consumer\"` needs a [consumers] table (where requests name their consumer)",
+                    );
+                    return None;
+                }
+                KeySource::Consumer
+            }
             Some(("header", name)) => match HeaderName::from_str(name.trim()) {
                 Ok(h) => KeySource::Header(h),
                 Err(_) => {
@@ -849,57 +1042,35 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
     a
 }
 
-fn limit(
+/// What a rate and burst make of one algorithm: its parameters, the quota and window of
+/// `RateLimit-Policy`, and the approximate-mode batch (which must fit the quota).
+struct Shape {
+    algorithm: Algorithm,
+    quota: u64,
+    window_secs: u64,
+    period_us: u64,
+    batch: u64,
+}
+
+/// Validates `rate` (+ `burst`) for `kind`, with the limit's `cost` and `batch`.
+fn shape(
     v: &mut Validator,
-    raw: &S<RawLimit>,
-    policy_name: String,
-    route_name: &str,
-    keys: &mut Vec<KeySpec>,
-    identities: &mut HashMap<String, u32>,
-) -> Option<Limit> {
-    let l = raw.get_ref();
-    let spec = key_spec(v, l.by.as_ref());
-    let rate = match units::parse_rate(l.rate.get_ref()) {
+    kind: Kind,
+    rate: &S<String>,
+    burst: Option<&S<i64>>,
+    (cost, cost_span): (u64, Range<usize>),
+    batch: Option<&S<i64>>,
+) -> Option<Shape> {
+    let parsed = match units::parse_rate(rate.get_ref()) {
         Ok(r) => Some(r),
         Err(message) => {
-            v.error(l.rate.span(), message);
+            v.error(rate.span(), message);
             None
         }
     };
-    let Some(kind) = Kind::from_name(l.algorithm.get_ref()) else {
-        v.error(
-            l.algorithm.span(),
-            format!(
-                "unknown algorithm \"{}\"; expected one of {}",
-                l.algorithm.get_ref(),
-                Kind::names()
-            ),
-        );
-        return None;
-    };
     let algorithm_name = kind.name();
-    let mode = v.one_of(
-        &l.mode,
-        "mode",
-        &[("enforce", Mode::Enforce), ("shadow", Mode::Shadow)],
-        Mode::Enforce,
-    );
-    let cost = match &l.cost {
-        None => 1,
-        Some(c) if *c.get_ref() >= 1 => *c.get_ref() as u64,
-        Some(c) => {
-            v.error(
-                c.span(),
-                format!(
-                    "invalid cost {}; expected a whole number of at least 1",
-                    c.get_ref()
-                ),
-            );
-            1
-        }
-    };
     let takes_burst = kind.takes_burst();
-    if let (Some(b), false) = (&l.burst, takes_burst) {
+    if let (Some(b), false) = (burst, takes_burst) {
         let with_burst: Vec<&str> = Kind::ALL
             .into_iter()
             .filter(|k| k.takes_burst())
@@ -910,7 +1081,7 @@ fn limit(
             format!("`burst` is not taken by {algorithm_name}; only {} have a burst (the window algorithms admit `rate` per window)", with_burst.join(" and ")),
         );
     }
-    let burst = match &l.burst {
+    let burst = match burst {
         Some(b) if takes_burst && *b.get_ref() < 1 => {
             v.error(
                 b.span(),
@@ -935,14 +1106,14 @@ fn limit(
         Some(b) if takes_burst => Some(*b.get_ref() as u64),
         _ => None,
     };
-    let (spec, Rate { count, period }) = (spec?, rate?);
+    let Rate { count, period } = parsed?;
     let period_us = period.as_micros() as u64;
     let quota = burst.unwrap_or(count);
-    let rate_span = l.rate.span();
+    let rate_span = rate.span();
     let too_large = |what: &str| {
         format!(
             "rate \"{}\" with {what} is too large for exact arithmetic; use a smaller count or a shorter period",
-            l.rate.get_ref()
+            rate.get_ref()
         )
     };
     let algorithm = match kind {
@@ -994,15 +1165,14 @@ fn limit(
         }
     };
     if cost > quota {
-        let span = l.cost.as_ref().map_or(raw.span(), |c| c.span());
         let what = if takes_burst { "burst" } else { "rate" };
         v.error(
-            span,
+            cost_span,
             format!("cost {cost} is more than the limit ever grants at once ({what} {quota}): every request would be rejected"),
         );
         return None;
     }
-    let batch = match &l.batch {
+    let batch = match batch {
         None => 0,
         Some(b)
             if *b.get_ref() >= 1 && *b.get_ref() as u64 <= quota && *b.get_ref() as u64 >= cost =>
@@ -1027,6 +1197,91 @@ fn limit(
     } else {
         period_us.div_ceil(1_000_000).max(1)
     };
+    Some(Shape {
+        algorithm,
+        quota,
+        window_secs,
+        period_us,
+        batch,
+    })
+}
+
+/// What one plan makes of a limit.
+#[derive(Debug)]
+pub(super) enum PlanRule {
+    /// The plan is not listed: the limit's own rate.
+    Same,
+    /// `"unlimited"`: the limit does not apply.
+    Unlimited,
+    /// `{ rate, burst }`.
+    Own(Box<Limit>),
+}
+
+/// What a limit's validation needs to know of its route and of `[consumers]`.
+struct LimitContext<'a> {
+    route_name: &'a str,
+    consumers: Option<&'a Consumers>,
+    /// `[consumers]` is there but invalid (its errors are reported already).
+    consumers_failed: bool,
+}
+
+/// One limit, with its per-plan rules (one per `[consumers] plans` entry).
+fn limit(
+    v: &mut Validator,
+    raw: &S<RawLimit>,
+    policy_name: String,
+    keys: &mut Vec<KeySpec>,
+    identities: &mut HashMap<String, u32>,
+    context: &LimitContext,
+) -> Option<(Limit, Vec<PlanRule>)> {
+    let l = raw.get_ref();
+    let consumers = context.consumers;
+    let spec = key_spec(
+        v,
+        l.by.as_ref(),
+        consumers.is_some() || context.consumers_failed,
+    );
+    let Some(kind) = Kind::from_name(l.algorithm.get_ref()) else {
+        v.error(
+            l.algorithm.span(),
+            format!(
+                "unknown algorithm \"{}\"; expected one of {}",
+                l.algorithm.get_ref(),
+                Kind::names()
+            ),
+        );
+        return None;
+    };
+    let mode = v.one_of(
+        &l.mode,
+        "mode",
+        &[("enforce", Mode::Enforce), ("shadow", Mode::Shadow)],
+        Mode::Enforce,
+    );
+    let cost = match &l.cost {
+        None => 1,
+        Some(c) if *c.get_ref() >= 1 => *c.get_ref() as u64,
+        Some(c) => {
+            v.error(
+                c.span(),
+                format!(
+                    "invalid cost {}; expected a whole number of at least 1",
+                    c.get_ref()
+                ),
+            );
+            1
+        }
+    };
+    let cost_at = (cost, l.cost.as_ref().map_or(raw.span(), |c| c.span()));
+    let base = shape(
+        v,
+        kind,
+        &l.rate,
+        l.burst.as_ref(),
+        cost_at.clone(),
+        l.batch.as_ref(),
+    );
+    let spec = spec?;
     let key = match keys.iter().position(|k| *k == spec) {
         Some(i) => i,
         None => {
@@ -1034,19 +1289,153 @@ fn limit(
             keys.len() - 1
         }
     };
-    let id = limit_id(route_name, algorithm_name, &spec, period_us, identities);
-    Some(Limit {
+    let rules = if context.consumers_failed {
+        None
+    } else {
+        plan_rules(v, l, kind, cost_at, consumers)
+    };
+    let base = base?;
+    let id = limit_id(
+        context.route_name,
+        kind.name(),
+        &spec,
+        base.period_us,
+        identities,
+    );
+    let limit = Limit {
         name: policy_name,
-        algorithm,
+        algorithm: base.algorithm,
         rate_text: l.rate.get_ref().clone(),
         key,
         cost,
         mode,
         id,
-        batch,
-        quota,
-        window_secs,
-    })
+        batch: base.batch,
+        quota: base.quota,
+        window_secs: base.window_secs,
+    };
+    let rules = rules?
+        .into_iter()
+        .map(|rule| match rule {
+            RawRule::Same => PlanRule::Same,
+            RawRule::Unlimited => PlanRule::Unlimited,
+            RawRule::Own(shape, rate_text) => PlanRule::Own(Box::new(Limit {
+                algorithm: shape.algorithm,
+                rate_text,
+                batch: shape.batch,
+                quota: shape.quota,
+                window_secs: shape.window_secs,
+                ..limit.clone()
+            })),
+        })
+        .collect();
+    Some((limit, rules))
+}
+
+enum RawRule {
+    Same,
+    Unlimited,
+    Own(Shape, String),
+}
+
+/// A limit's `plans` table, one rule per plan of `[consumers] plans`.
+fn plan_rules(
+    v: &mut Validator,
+    l: &RawLimit,
+    kind: Kind,
+    cost_at: (u64, Range<usize>),
+    consumers: Option<&Consumers>,
+) -> Option<Vec<RawRule>> {
+    let Some(table) = &l.plans else {
+        let plans = consumers.map_or(0, |c| c.plans.len());
+        return Some((0..plans).map(|_| RawRule::Same).collect());
+    };
+    let Some(consumers) = consumers else {
+        v.error(
+            table.span(),
+            "`plans` needs a [consumers] table that lists the plans",
+        );
+        return None;
+    };
+    let mut rules: Vec<RawRule> = consumers.plans.iter().map(|_| RawRule::Same).collect();
+    let mut ok = true;
+    for (name, value) in table.get_ref() {
+        let Some(plan) = consumers.plan_id(name) else {
+            v.error(
+                value.span(),
+                format!(
+                    "unknown plan \"{name}\"; [consumers] plans lists: {}",
+                    consumers.plans.join(", ")
+                ),
+            );
+            ok = false;
+            continue;
+        };
+        let rule = match value.get_ref() {
+            toml::Value::String(s) if s == "unlimited" => Some(RawRule::Unlimited),
+            toml::Value::Table(t) => plan_override(v, value.span(), t, kind, cost_at.clone(), l),
+            _ => {
+                v.error(
+                    value.span(),
+                    format!("invalid plan rule for \"{name}\"; expected \"unlimited\" or {{ rate = \"N/unit\", burst = N }}"),
+                );
+                None
+            }
+        };
+        match rule {
+            Some(rule) => rules[usize::from(plan)] = rule,
+            None => ok = false,
+        }
+    }
+    ok.then_some(rules)
+}
+
+/// `{ rate = "...", burst = N }` for one plan: the limit's algorithm with that rate.
+fn plan_override(
+    v: &mut Validator,
+    span: Range<usize>,
+    table: &toml::Table,
+    kind: Kind,
+    cost_at: (u64, Range<usize>),
+    l: &RawLimit,
+) -> Option<RawRule> {
+    if let Some(key) = table.keys().find(|k| *k != "rate" && *k != "burst") {
+        v.error(
+            span,
+            format!("unknown key `{key}` in a plan rule; expected `rate` and, for token_bucket and gcra, `burst`"),
+        );
+        return None;
+    }
+    let Some(toml::Value::String(rate)) = table.get("rate") else {
+        v.error(
+            span,
+            "a plan rule needs rate = \"N/unit\" (or the plan = \"unlimited\")",
+        );
+        return None;
+    };
+    let burst = match table.get("burst") {
+        None => None,
+        Some(toml::Value::Integer(n)) => Some(S::new(span.clone(), *n)),
+        Some(other) => {
+            v.error(
+                span,
+                format!("invalid burst {other}; expected a whole number"),
+            );
+            return None;
+        }
+    };
+    let rate_value = S::new(span.clone(), rate.clone());
+    // The batch is the limit's; the same bounds hold against the plan's quota.
+    let batch = l.batch.as_ref().map(|b| S::new(span.clone(), *b.get_ref()));
+    let shape = shape(
+        v,
+        kind,
+        &rate_value,
+        burst.as_ref(),
+        (cost_at.0, span.clone()),
+        batch.as_ref(),
+    )?;
+    Some(RawRule::Own(shape, rate.clone()))
 }
 
 /// A limit's counters are identified by its route name, algorithm, key specification and

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::identity::{self, Subject, Tag};
 pub use crate::metrics::LimiterMetrics;
-use crate::policy::{Mode, Route, StoreSettings};
+use crate::policy::{KeySpec, Limit, Mode, StoreSettings};
 use algorithm::{Algorithm, Micros, Outcome};
 
 /// One limit of one request, as a store sees it.
@@ -259,13 +259,12 @@ impl Limiter {
 
 /// The store items of a route's limits for one request: each distinct key specification is
 /// hashed once.
-pub fn items_for(route: &Route, subject: &Subject<'_>) -> Vec<Item> {
+pub fn items_for(limits: &[Limit], keys: &[KeySpec], subject: &Subject<'_>) -> Vec<Item> {
     let mut tags: [Option<Tag>; 8] = [None; 8];
-    route
-        .limits
+    limits
         .iter()
         .map(|limit| {
-            let spec = &route.keys[limit.key];
+            let spec = &keys[limit.key];
             let tag = if limit.key < tags.len() {
                 *tags[limit.key].get_or_insert_with(|| identity::tag(spec, subject))
             } else {
