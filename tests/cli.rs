@@ -203,3 +203,107 @@ fn plain_tollgate_runs_the_default_config() {
     let _ = child.wait();
     assert!(serving);
 }
+
+/// Runs `tollgate hash-key` with `input` on standard input.
+fn hash_key(input: &[u8]) -> std::process::Output {
+    let mut child = tollgate()
+        .arg("hash-key")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn hash_key_prints_the_blake3_of_the_key_without_its_newline() {
+    let expected = format!("b3:{}\n", blake3::hash(b"sk-live-7f3a9c").to_hex());
+    for input in [&b"sk-live-7f3a9c"[..], b"sk-live-7f3a9c\n", b"sk-live-7f3a9c\r\n"] {
+        let out = hash_key(input);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+    }
+    let empty = hash_key(b"\n");
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("no key on standard input"));
+}
+
+/// A proxy.toml with consumers (acme on pro with two keys, globex on the default plan) and a
+/// consumer-keyed limit with per-plan rates.
+fn with_consumers(dir: &Path) -> std::path::PathBuf {
+    let key = |k: &str| format!("b3:{}", blake3::hash(k.as_bytes()).to_hex());
+    write(
+        dir,
+        "consumers.toml",
+        &format!(
+            "[[consumer]]\nname = \"acme\"\nplan = \"pro\"\nkeys = [\"{}\", \"{}\"]\n\n[[consumer]]\nname = \"globex\"\nkeys = [\"{}\"]\n",
+            key("acme-secret-1"),
+            key("acme-secret-2"),
+            key("globex-secret")
+        ),
+    );
+    write(
+        dir,
+        "proxy.toml",
+        r#"[server]
+listen = "127.0.0.1:0"
+
+[consumers]
+key = "header:x-api-key"
+file = "consumers.toml"
+plans = ["free", "pro", "internal"]
+default_plan = "free"
+
+[upstreams.api]
+targets = ["http://127.0.0.1:3000"]
+
+[[routes]]
+name = "api"
+upstream = "api"
+deny = { consumers = ["globex"] }
+limits = [{ by = "consumer", algorithm = "gcra", rate = "10/s", burst = 20, plans = { pro = { rate = "100/s", burst = 200 }, internal = "unlimited" } }]
+"#,
+    )
+}
+
+#[test]
+fn check_and_explain_show_consumers_and_plans_never_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = with_consumers(dir.path());
+    let out = tollgate().arg("check").arg("--config").arg(&config).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("consumers: 2 with 3 key hash(es), named by header:x-api-key; plans free, pro, internal; default plan free"),
+        "{text}"
+    );
+    assert!(text.contains("  plan free: 1 consumer(s)\n  plan pro: 1 consumer(s)\n  plan internal: 0 consumer(s)"), "{text}");
+    assert!(text.contains("      plan pro: 100/s (quota 200 per 2 s)"), "{text}");
+    assert!(text.contains("      plan internal: unlimited (not counted)"), "{text}");
+    assert!(text.contains("    deny: consumer globex"), "{text}");
+    assert!(!text.contains("secret") && !text.contains("b3:"), "no key or hash printed: {text}");
+
+    let explain = |key: &str| {
+        let out = tollgate()
+            .args(["explain", "--config"])
+            .arg(&config)
+            .args(["GET", "http://api.example.com/x", "-H"])
+            .arg(format!("X-Api-Key: {key}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let acme = explain("acme-secret-2");
+    assert!(acme.contains("consumer acme (plan pro)"), "{acme}");
+    assert!(acme.contains("identity: consumer acme"), "{acme}");
+    assert!(acme.contains("gcra 100/s, burst 200"), "{acme}");
+    assert!(!acme.contains("acme-secret"), "{acme}");
+    let globex = explain("globex-secret");
+    assert!(globex.contains("denied: the route's deny list names this client"), "{globex}");
+    let unknown = explain("nope");
+    assert!(unknown.contains("consumer: the key names no consumer (plan free)"), "{unknown}");
+    assert!(unknown.contains("no known consumer: counted under ip 127.0.0.1"), "{unknown}");
+}
