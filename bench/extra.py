@@ -7,9 +7,12 @@ on cpu0; wrk, the nginx upstream and Redis on cpu1) and an nginx baseline in the
 2. flood: Redis calls per rejected request when one key floods (the local over-limit cache).
 3. conns5000: tollgate's RSS with 5,000 keep-alive connections busy for 60 s (start, middle,
    end), next to nginx's.
+4. consumers: a consumer-keyed token bucket on the memory store with 100,000 consumers, the
+   API key drawn at random per request (wrk script), next to tollgate's no-limit row.
 
 Loopback only; every process started here is stopped by its PID (process group) at the end.
-Usage: bench/extra.py [--seconds 60] [--out FILE]   (prints Markdown; --out also writes it)
+Usage: bench/extra.py [--seconds 60] [--out FILE] [--only keys10k,flood,conns5000,consumers]
+(prints Markdown; --out also writes it)
 """
 
 import argparse
@@ -86,7 +89,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--out")
+    ap.add_argument("--only", default="keys10k,flood,conns5000,consumers")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     work = tempfile.mkdtemp(prefix="tollgate-extra-")
     with open(os.path.join(work, "up.conf"), "w") as f:
         f.write(f"""worker_processes 1; daemon off; pid {work}/up.pid; error_log {work}/up.err;
@@ -105,6 +110,8 @@ http {{ access_log off; keepalive_requests 10000000;
 """)
     with open(os.path.join(work, "keys.lua"), "w") as f:
         f.write('request = function() return wrk.format("GET", "/?k=" .. math.random(1, 10000)) end\n')
+    with open(os.path.join(work, "consumers.lua"), "w") as f:
+        f.write('request = function() return wrk.format("GET", "/", { ["x-api-key"] = "key-" .. math.random(1, 100000) }) end\n')
     procs = []
     lines = []
     try:
@@ -125,22 +132,43 @@ http {{ access_log off; keepalive_requests 10000000;
             wait_port(NGX)
             return p
 
-        # 1. 10k keys
+        # 4. consumers (first: it needs no Redis state)
+        if "consumers" in only:
+            rows = []
+            script = os.path.join(work, "consumers.lua")
+            for label, make, port in [("nginx proxy_pass, no limit", nginx_proxy, NGX),
+                                      ("tollgate nolimit", lambda: tollgate("nolimit"), TG),
+                                      ("tollgate memory_consumers (100,000 consumers)",
+                                       lambda: tollgate("memory_consumers"), TG)]:
+                p = make()
+                wrk(f"http://{HOST}:{port}/", 64, 2, script)  # warm-up
+                rows.append((label,) + wrk(f"http://{HOST}:{port}/", 64, 8, script))
+                stop(p)
+            base, nolimit = rows[0][1], rows[1][1]
+            lines += ["### Consumer-keyed token bucket, 100,000 consumers (memory store)", "",
+                      "wrk -t1 -c64 -d8s with a script drawing `x-api-key` from 100,000 known keys per request.", "",
+                      "| row | req/s | p99 ms | / nginx | / tollgate nolimit | non-2xx |", "|---|---:|---:|---:|---:|---:|"]
+            for label, rps, p99, non in rows:
+                lines.append(f"| {label} | {rps:.0f} | {p99:.2f} | {rps / base:.2f} | {rps / nolimit:.2f} | {non} |")
+            lines += [""]
+
         rows = []
-        for label, make, port in [("nginx proxy_pass, no limit", nginx_proxy, NGX),
+        for label, make, port in ([] if "keys10k" not in only else [
+                                  ("nginx proxy_pass, no limit", nginx_proxy, NGX),
                                   ("tollgate redis_tb_10k", lambda: tollgate("redis_tb_10k"), TG),
-                                  ("tollgate redis_tb (one hot key)", lambda: tollgate("redis_tb"), TG)]:
+                                  ("tollgate redis_tb (one hot key)", lambda: tollgate("redis_tb"), TG)]):
             p = make()
             wrk(f"http://{HOST}:{port}/", 64, 2, os.path.join(work, "keys.lua"))  # warm-up
             rows.append((label,) + wrk(f"http://{HOST}:{port}/", 64, 8, os.path.join(work, "keys.lua")))
             stop(p)
-        base = rows[0][1]
-        lines += ["### Redis token bucket, key spread over 10,000 values", "",
-                  "wrk -t1 -c64 -d8s with a script randomising `?k=` over 10,000 values; limit keyed by `query:k`.", "",
-                  "| row | req/s | p99 ms | / nginx | non-2xx |", "|---|---:|---:|---:|---:|"]
-        for label, rps, p99, non in rows:
-            lines.append(f"| {label} | {rps:.0f} | {p99:.2f} | {rps / base:.2f} | {non} |")
-        lines += [""]
+        if rows:
+            base = rows[0][1]
+            lines += ["### Redis token bucket, key spread over 10,000 values", "",
+                      "wrk -t1 -c64 -d8s with a script randomising `?k=` over 10,000 values; limit keyed by `query:k`.", "",
+                      "| row | req/s | p99 ms | / nginx | non-2xx |", "|---|---:|---:|---:|---:|"]
+            for label, rps, p99, non in rows:
+                lines.append(f"| {label} | {rps:.0f} | {p99:.2f} | {rps / base:.2f} | {non} |")
+            lines += [""]
 
         # 2. a flood from one key: Redis calls per rejection
         def evalsha_calls():
@@ -149,20 +177,22 @@ http {{ access_log off; keepalive_requests 10000000;
             m = re.search(r"cmdstat_evalsha:calls=(\d+)", info)
             return int(m.group(1)) if m else 0
         subprocess.run(["redis-cli", "-p", str(REDIS), "flushall"], capture_output=True)
-        p = tollgate("flood_redis")
-        before = evalsha_calls()
-        rps, p99, rejected = wrk(f"http://{HOST}:{TG}/", 64, 8)
-        calls = evalsha_calls() - before
-        stop(p)
-        lines += ["### A flood from one key (every request rejected)", "",
-                  "| req/s | p99 ms | rejections | Redis calls | calls per rejection |", "|---:|---:|---:|---:|---:|",
-                  f"| {rps:.0f} | {p99:.2f} | {rejected} | {calls} | {calls / max(rejected, 1):.6f} |", ""]
+        p = tollgate("flood_redis") if "flood" in only else None
+        if p:
+            before = evalsha_calls()
+            rps, p99, rejected = wrk(f"http://{HOST}:{TG}/", 64, 8)
+            calls = evalsha_calls() - before
+            stop(p)
+            lines += ["### A flood from one key (every request rejected)", "",
+                      "| req/s | p99 ms | rejections | Redis calls | calls per rejection |", "|---:|---:|---:|---:|---:|",
+                      f"| {rps:.0f} | {p99:.2f} | {rejected} | {calls} | {calls / max(rejected, 1):.6f} |", ""]
 
         # 3. 5,000 keep-alive connections for `seconds`
-        lines += [f"### Memory with 5,000 keep-alive connections ({args.seconds} s of load)", "",
+        lines += [] if "conns5000" not in only else [f"### Memory with 5,000 keep-alive connections ({args.seconds} s of load)", "",
                   "| proxy | RSS idle | RSS at 5 s | RSS at half time | RSS at the end | req/s |",
                   "|---|---:|---:|---:|---:|---:|"]
-        for label, make, port in [("nginx", nginx_proxy, NGX), ("tollgate nolimit", lambda: tollgate("nolimit"), TG)]:
+        for label, make, port in ([] if "conns5000" not in only else
+                                  [("nginx", nginx_proxy, NGX), ("tollgate nolimit", lambda: tollgate("nolimit"), TG)]):
             p = make()
             idle = rss_kib(p.pid)
             load = subprocess.Popen(["taskset", "-c", "1", "wrk", "-t1", "-c5000", f"-d{args.seconds}s",

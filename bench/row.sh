@@ -2,7 +2,9 @@
 # One tollgate row for ../shared/bench/peers.py: writes a config for MODE and runs release
 # tollgate in the foreground with one worker thread (the nginx and HAProxy rows use one too).
 #   bench/row.sh MODE LISTEN_PORT UPSTREAM REDIS_URL TMPDIR
-# MODE: nolimit | memory | redis_tb | redis_gcra | redis_tb_10k | redis_batch | flood_memory | flood_redis
+# MODE: nolimit | memory | memory_consumers | redis_tb | redis_gcra | redis_tb_10k | redis_batch | flood_memory | flood_redis
+# memory_consumers: 100,000 consumers (keys key-1 .. key-100000 in x-api-key), a consumer-keyed
+# token bucket on the memory store.
 set -euo pipefail
 mode=$1 port=$2 upstream=$3 redis_url=$4 dir=$5
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,6 +22,20 @@ pool_size = ${POOL_SIZE:-4}"
 case $mode in
   nolimit)      store=$store_memory; limits='' ;;
   memory)       store=$store_memory; limits='limits = [{ by = "ip", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000 }]' ;;
+  memory_consumers)
+    store="$store_memory
+
+[consumers]
+key = \"header:x-api-key\"
+file = \"consumers-100k.toml\"
+plans = [\"free\", \"pro\"]
+default_plan = \"free\""
+    limits='limits = [{ by = "consumer", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000, plans = { pro = { rate = "1000000000/s", burst = 1000000000 } } }]'
+    if [ ! -s "$dir/consumers-100k.toml" ]; then
+      seq 1 100000 | sed 's/^/key-/' | "$bin" hash-key --each-line |
+        awk '{ printf "[[consumer]]\nname = \"c%d\"\nplan = \"%s\"\nkeys = [\"%s\"]\n", NR, (NR % 2 ? "free" : "pro"), $0 }' \
+        > "$dir/consumers-100k.toml"
+    fi ;;
   redis_tb)     store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000 }]' ;;
   redis_gcra)   store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "gcra", rate = "1000000/s", burst = 1000000000 }]' ;;
   redis_tb_10k) store=$store_redis;  limits='limits = [{ by = "query:k", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000 }]' ;;

@@ -49,7 +49,12 @@ enum Command {
     Healthcheck,
     /// Read one API key from standard input (a trailing newline is ignored) and print its hash
     /// as consumers.toml lists it: `b3:` and 64 hex digits.
-    HashKey,
+    HashKey {
+        /// Hash every line of standard input (one key per line), one hash per line, in order:
+        /// for importing many keys at once.
+        #[arg(long)]
+        each_line: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,7 +68,7 @@ fn main() -> ExitCode {
             client_ip,
         } => explain(&cli.config, &method, &url, &headers, client_ip),
         Command::Healthcheck => healthcheck(&cli.config),
-        Command::HashKey => hash_key(),
+        Command::HashKey { each_line } => hash_key(each_line),
         Command::Run => {
             logging::init(cli.log_format);
             match run(&cli.config) {
@@ -154,12 +159,26 @@ fn build_request(method: &str, url: &str, headers: &[String]) -> anyhow::Result<
     Ok(builder.body(())?)
 }
 
-fn hash_key() -> ExitCode {
-    use std::io::Read;
+fn hash_key(each_line: bool) -> ExitCode {
+    use std::io::{Read, Write};
     let mut key = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut key) {
         eprintln!("tollgate hash-key: cannot read standard input: {e}");
         return ExitCode::FAILURE;
+    }
+    if each_line {
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        for line in key.split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if !line.is_empty() && writeln!(out, "{}", tollgate::consumers::hash_key(line)).is_err()
+            {
+                return ExitCode::FAILURE;
+            }
+        }
+        return match out.flush() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
     }
     if key.ends_with(b"\n") {
         key.pop();

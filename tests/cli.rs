@@ -220,11 +220,36 @@ fn hash_key(input: &[u8]) -> std::process::Output {
 #[test]
 fn hash_key_prints_the_blake3_of_the_key_without_its_newline() {
     let expected = format!("b3:{}\n", blake3::hash(b"sk-live-7f3a9c").to_hex());
-    for input in [&b"sk-live-7f3a9c"[..], b"sk-live-7f3a9c\n", b"sk-live-7f3a9c\r\n"] {
+    for input in [
+        &b"sk-live-7f3a9c"[..],
+        b"sk-live-7f3a9c\n",
+        b"sk-live-7f3a9c\r\n",
+    ] {
         let out = hash_key(input);
         assert!(out.status.success(), "{out:?}");
         assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
     }
+    let mut child = tollgate()
+        .args(["hash-key", "--each-line"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"a\nb\r\n\nc")
+        .unwrap();
+    let many = child.wait_with_output().unwrap();
+    let lines: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|k| format!("b3:{}", blake3::hash(k.as_bytes()).to_hex()))
+        .collect();
+    assert_eq!(
+        String::from_utf8_lossy(&many.stdout),
+        lines.join("\n") + "\n"
+    );
     let empty = hash_key(b"\n");
     assert_eq!(empty.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&empty.stderr).contains("no key on standard input"));
@@ -272,18 +297,37 @@ limits = [{ by = "consumer", algorithm = "gcra", rate = "10/s", burst = 20, plan
 fn check_and_explain_show_consumers_and_plans_never_keys() {
     let dir = tempfile::tempdir().unwrap();
     let config = with_consumers(dir.path());
-    let out = tollgate().arg("check").arg("--config").arg(&config).output().unwrap();
+    let out = tollgate()
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("consumers: 2 with 3 key hash(es), named by header:x-api-key; plans free, pro, internal; default plan free"),
         "{text}"
     );
-    assert!(text.contains("  plan free: 1 consumer(s)\n  plan pro: 1 consumer(s)\n  plan internal: 0 consumer(s)"), "{text}");
-    assert!(text.contains("      plan pro: 100/s (quota 200 per 2 s)"), "{text}");
-    assert!(text.contains("      plan internal: unlimited (not counted)"), "{text}");
+    assert!(
+        text.contains(
+            "  plan free: 1 consumer(s)\n  plan pro: 1 consumer(s)\n  plan internal: 0 consumer(s)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("      plan pro: 100/s (quota 200 per 2 s)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("      plan internal: unlimited (not counted)"),
+        "{text}"
+    );
     assert!(text.contains("    deny: consumer globex"), "{text}");
-    assert!(!text.contains("secret") && !text.contains("b3:"), "no key or hash printed: {text}");
+    assert!(
+        !text.contains("secret") && !text.contains("b3:"),
+        "no key or hash printed: {text}"
+    );
 
     let explain = |key: &str| {
         let out = tollgate()
@@ -302,8 +346,17 @@ fn check_and_explain_show_consumers_and_plans_never_keys() {
     assert!(acme.contains("gcra 100/s, burst 200"), "{acme}");
     assert!(!acme.contains("acme-secret"), "{acme}");
     let globex = explain("globex-secret");
-    assert!(globex.contains("denied: the route's deny list names this client"), "{globex}");
+    assert!(
+        globex.contains("denied: the route's deny list names this client"),
+        "{globex}"
+    );
     let unknown = explain("nope");
-    assert!(unknown.contains("consumer: the key names no consumer (plan free)"), "{unknown}");
-    assert!(unknown.contains("no known consumer: counted under ip 127.0.0.1"), "{unknown}");
+    assert!(
+        unknown.contains("consumer: the key names no consumer (plan free)"),
+        "{unknown}"
+    );
+    assert!(
+        unknown.contains("no known consumer: counted under ip 127.0.0.1"),
+        "{unknown}"
+    );
 }
