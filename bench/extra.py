@@ -138,6 +138,8 @@ http {{ access_log off; keepalive_requests 10000000;
             script = os.path.join(work, "consumers.lua")
             for label, make, port in [("nginx proxy_pass, no limit", nginx_proxy, NGX),
                                       ("tollgate nolimit", lambda: tollgate("nolimit"), TG),
+                                      ("tollgate memory_keys100k (same keys, by header)",
+                                       lambda: tollgate("memory_keys100k"), TG),
                                       ("tollgate memory_consumers (100,000 consumers)",
                                        lambda: tollgate("memory_consumers"), TG)]:
                 p = make()

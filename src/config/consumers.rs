@@ -2,7 +2,7 @@
 //! line and column of the file they are in. A key is never echoed in an error: a clear-text
 //! key or a malformed hash is named by its position only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -157,6 +157,9 @@ pub(super) fn consumers(
         }
     };
     let mut f = Validator::new(&name, text, v.base_dir);
+    let mut names: HashSet<&str> = HashSet::with_capacity(parsed.consumer.len());
+    table.list.reserve(parsed.consumer.len());
+    table.by_key.reserve(parsed.consumer.len());
     for entry in &parsed.consumer {
         let entry = entry.get_ref();
         let cname = entry.name.get_ref();
@@ -169,7 +172,7 @@ pub(super) fn consumers(
             );
             continue;
         }
-        if table.list.iter().any(|c| &*c.name == cname) {
+        if !names.insert(cname) {
             f.error(
                 entry.name.span(),
                 format!("duplicate consumer \"{cname}\"; consumer names must be unique"),
