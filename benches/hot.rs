@@ -81,6 +81,7 @@ fn hot(c: &mut Criterion) {
         parts: &parts,
         ip: "203.0.113.7".parse().unwrap(),
         consumer: None,
+        claims: None,
     };
     c.bench_function("key derivation (2 limits, 1 key spec)", |b| {
         b.iter(|| {

@@ -1,6 +1,8 @@
 //! Who the consumer is: the `[consumers]` table and `consumers.toml`, validated into a map from
 //! key hash to consumer, and the per-request lookup (one BLAKE3 hash of the presented key and
 //! one map probe, no allocation). Keys exist only as hashes: in the file, in memory, in Redis.
+//! With `key = "jwt:CLAIM"` the consumer is the claim of a verified token ([`crate::jwt`]);
+//! the file, if any, then maps those names to plans.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -51,6 +53,18 @@ pub fn parse_hash(text: &str) -> Option<KeyHash> {
 pub enum KeyFrom {
     Header(HeaderName),
     Query(String),
+    /// A claim of the verified JWT: its slot in [`crate::jwt::Claims`], and its name.
+    Jwt(usize, String),
+}
+
+impl std::fmt::Display for KeyFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyFrom::Header(name) => write!(f, "header:{name}"),
+            KeyFrom::Query(name) => write!(f, "query:{name}"),
+            KeyFrom::Jwt(_, claim) => write!(f, "jwt:{claim}"),
+        }
+    }
 }
 
 /// What an absent or unknown key means.
@@ -101,23 +115,40 @@ pub struct Consumers {
     pub unknown: Unknown,
     pub list: Vec<Consumer>,
     pub by_key: HashMap<KeyHash, u32, BuildHasherDefault<FirstBytes>>,
+    /// Consumer names to their index (for JWT consumers, whose name is a claim).
+    pub by_name: HashMap<Arc<str>, u32>,
     /// How many key hashes the file lists (for `check`).
     pub keys: usize,
+    /// `plan_from = "jwt:CLAIM"`: the claim slot whose value names the plan.
+    pub plan_from: Option<usize>,
 }
 
 /// Who a request is, as far as consumers go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Resolved {
-    /// Index into [`Consumers::list`].
+pub struct Resolved<'a> {
+    /// Index into [`Consumers::list`], when the consumer is listed there.
     pub consumer: Option<u32>,
+    /// The consumer's name: its entry's, or (JWT) the claim's. `None`: anonymous.
+    pub name: Option<&'a str>,
     pub plan: Option<PlanId>,
-    /// A key was presented (known or not).
+    /// A key (or token) was presented, known or not.
     pub presented: bool,
 }
 
 impl Consumers {
-    /// The consumer (and plan) of a request.
-    pub fn resolve(&self, parts: &Parts) -> Resolved {
+    /// The consumer (and plan) of a request; `token` is the request's verified JWT claims,
+    /// or why there are none (only read with `key = "jwt:…"`).
+    pub fn resolve<'a>(
+        &'a self,
+        parts: &Parts,
+        token: Option<&'a crate::jwt::Checked>,
+    ) -> Resolved<'a> {
+        let anonymous = |presented| Resolved {
+            consumer: None,
+            name: None,
+            plan: self.default_plan,
+            presented,
+        };
         let hash = match &self.key {
             KeyFrom::Header(name) => parts
                 .headers
@@ -128,25 +159,40 @@ impl Consumers {
             KeyFrom::Query(name) => {
                 crate::identity::query_value(parts, name).map(|v| blake3::hash(v.as_bytes()))
             }
+            KeyFrom::Jwt(slot, _) => {
+                let presented = !matches!(token, None | Some(Err(crate::jwt::Refused::Absent)));
+                let Some(Ok(claims)) = token else {
+                    return anonymous(presented);
+                };
+                let Some(name) = claims.get(*slot) else {
+                    return anonymous(true);
+                };
+                let consumer = self.by_name.get(name).copied();
+                let claimed = self
+                    .plan_from
+                    .and_then(|p| claims.get(p))
+                    .and_then(|plan| self.plan_id(plan));
+                return Resolved {
+                    consumer,
+                    name: Some(name),
+                    plan: claimed
+                        .or_else(|| consumer.and_then(|i| self.list[i as usize].plan))
+                        .or(self.default_plan),
+                    presented: true,
+                };
+            }
         };
         let Some(hash) = hash else {
-            return Resolved {
-                consumer: None,
-                plan: self.default_plan,
-                presented: false,
-            };
+            return anonymous(false);
         };
         match self.by_key.get(hash.as_bytes()) {
             Some(&i) => Resolved {
                 consumer: Some(i),
+                name: Some(&self.list[i as usize].name),
                 plan: self.list[i as usize].plan,
                 presented: true,
             },
-            None => Resolved {
-                consumer: None,
-                plan: self.default_plan,
-                presented: true,
-            },
+            None => anonymous(true),
         }
     }
 
@@ -198,8 +244,10 @@ mod tests {
                 plan: Some(1),
                 header: HeaderValue::from_static("acme"),
             }],
+            by_name: HashMap::new(),
             by_key,
             keys: 2,
+            plan_from: None,
         };
         let parts = |uri: &str, key: Option<&str>| {
             let mut b = http::Request::builder().uri(uri);
@@ -210,29 +258,32 @@ mod tests {
         };
         let acme = Resolved {
             consumer: Some(0),
+            name: Some("acme"),
             plan: Some(1),
             presented: true,
         };
-        assert_eq!(consumers.resolve(&parts("/", Some("k1"))), acme);
-        assert_eq!(consumers.resolve(&parts("/", Some("k2"))), acme);
+        assert_eq!(consumers.resolve(&parts("/", Some("k1")), None), acme);
+        assert_eq!(consumers.resolve(&parts("/", Some("k2")), None), acme);
         assert_eq!(
-            consumers.resolve(&parts("/", Some("nope"))),
+            consumers.resolve(&parts("/", Some("nope")), None),
             Resolved {
                 consumer: None,
+                name: None,
                 plan: Some(0),
                 presented: true
             }
         );
         assert_eq!(
-            consumers.resolve(&parts("/", None)),
+            consumers.resolve(&parts("/", None), None),
             Resolved {
                 consumer: None,
+                name: None,
                 plan: Some(0),
                 presented: false
             }
         );
         consumers.key = KeyFrom::Query("api_key".into());
-        assert_eq!(consumers.resolve(&parts("/x?api_key=k2", None)), acme);
+        assert_eq!(consumers.resolve(&parts("/x?api_key=k2", None), None), acme);
         assert_eq!(consumers.plan_id("pro"), Some(1));
         assert_eq!(consumers.plan_id("gold"), None);
     }

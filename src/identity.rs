@@ -117,6 +117,8 @@ pub struct Subject<'a> {
     pub ip: IpAddr,
     /// The consumer's name, when the request named a known one.
     pub consumer: Option<&'a str>,
+    /// The claims of the request's verified JWT, if it has one.
+    pub claims: Option<&'a crate::jwt::Claims>,
 }
 
 fn update_ip(h: &mut blake3::Hasher, ip: IpAddr) {
@@ -181,6 +183,14 @@ pub fn tag(spec: &KeySpec, subject: &Subject<'_>) -> Tag {
                 Some(name) => {
                     h.update(b"c");
                     update_field(&mut h, name.as_bytes());
+                }
+            },
+            KeySource::Jwt(slot, _) => match subject.claims.and_then(|c| c.get(*slot)) {
+                None => update_ip(&mut h, subject.ip),
+                Some(value) => {
+                    h.update(b"j");
+                    update_field(&mut h, &(*slot as u32).to_le_bytes());
+                    update_field(&mut h, value.as_bytes());
                 }
             },
             KeySource::Query(name) => match query_value(subject.parts, name) {
@@ -339,6 +349,7 @@ mod tests {
             parts: &p,
             ip: ip("1.2.3.4"),
             consumer: None,
+            claims: None,
         };
         assert_eq!(
             tag(&spec(vec![key.clone()]), &s),
@@ -349,6 +360,7 @@ mod tests {
             parts: &empty,
             ip: ip("1.2.3.4"),
             consumer: None,
+            claims: None,
         };
         assert_eq!(
             tag(&spec(vec![key.clone()]), &s2),
@@ -372,16 +384,19 @@ mod tests {
             parts: &a,
             ip: ip("1.1.1.1"),
             consumer: None,
+            claims: None,
         };
         let sa2 = Subject {
             parts: &a,
             ip: ip("2.2.2.2"),
             consumer: None,
+            claims: None,
         };
         let sb = Subject {
             parts: &b,
             ip: ip("1.1.1.1"),
             consumer: None,
+            claims: None,
         };
         assert_eq!(
             tag(&key, &sa),
@@ -397,11 +412,13 @@ mod tests {
             parts: &pq,
             ip: ip("1.1.1.1"),
             consumer: None,
+            claims: None,
         };
         let s2 = Subject {
             parts: &pq2,
             ip: ip("9.9.9.9"),
             consumer: None,
+            claims: None,
         };
         assert_eq!(tag(&q, &s1), tag(&q, &s2), "percent-decoded, first value");
         assert_ne!(
@@ -431,6 +448,7 @@ mod tests {
                     parts: &p,
                     ip: counted_ip(client, 64),
                     consumer: None,
+                    claims: None,
                 },
             ));
         }

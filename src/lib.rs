@@ -8,7 +8,7 @@
 //! - [`framing`]: head checks beyond hyper's (Host, Transfer-Encoding): no smuggling.
 //! - [`route`]: the first route whose `match` fits (on a normalised path).
 //! - [`identity`]: the client IP (trusted-proxy walk) and the hashed identity of each limit;
-//!   [`consumers`]: the consumer and plan a request's API key names.
+//!   [`consumers`]: the consumer and plan a request's API key (or [`jwt`] token) names.
 //! - [`limiter`]: all limits of the route decided together, through layers in this order: the
 //!   deny cache ([`limiter::deny_cache`]), the leases of approximate mode ([`limiter::lease`]),
 //!   the circuit breaker and timeout ([`limiter::breaker`]), then one store call — the
@@ -37,6 +37,7 @@ pub mod consumers;
 pub mod framing;
 pub mod heap;
 pub mod identity;
+pub mod jwt;
 pub mod limiter;
 pub mod logging;
 pub mod metrics;

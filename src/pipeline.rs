@@ -195,20 +195,29 @@ async fn phases<'r>(
     );
     access.client = Some(client);
     let consumers = rt.policy.consumers.as_ref();
-    let who = consumers.map_or_else(Resolved::default, |c| c.resolve(&parts));
+    // The bearer token is verified (or found in the cache) once, when anything reads it.
+    let token = rt.policy.jwt.as_ref().and_then(|jwt| {
+        let wanted = route.needs_token
+            || consumers.is_some_and(|c| matches!(c.key, crate::consumers::KeyFrom::Jwt(..)));
+        wanted.then(|| jwt.check(&parts.headers))
+    });
+    let who = consumers.map_or_else(Resolved::default, |c| c.resolve(&parts, token.as_ref()));
     trail.plan = who.plan;
     let verdict = if route.deny.matches(client, &who) {
         Verdict::Denied
     } else if route.bypass.matches(client, &who) {
         Verdict::Bypassed
     } else if route.needs_consumer
-        && who.consumer.is_none()
+        && who.name.is_none()
         && consumers.is_some_and(|c| c.unknown == Unknown::Reject)
     {
         Verdict::UnknownConsumer
     } else {
-        let name = who.consumer.zip(consumers).map(|(i, c)| &*c.get(i).name);
-        decide(rt, route, &parts, client, who.plan, name).await
+        let claims = match &token {
+            Some(Ok(claims)) => Some(&**claims),
+            _ => None,
+        };
+        decide(rt, route, &parts, client, &who, claims).await
     };
     let stop = match &verdict {
         Verdict::Unlimited | Verdict::Bypassed | Verdict::StoreFailed(OnStoreError::Allow) => None,
@@ -316,17 +325,18 @@ async fn decide(
     route: &Route,
     parts: &Parts,
     client: IpAddr,
-    plan: Option<PlanId>,
-    consumer: Option<&str>,
+    who: &Resolved<'_>,
+    claims: Option<&crate::jwt::Claims>,
 ) -> Verdict {
-    let (limits, _) = route.limits_for(plan);
+    let (limits, _) = route.limits_for(who.plan);
     if limits.is_empty() {
         return Verdict::Unlimited;
     }
     let subject = Subject {
         parts,
         ip: identity::counted_ip(client, rt.policy.server.ipv6_prefix),
-        consumer,
+        consumer: who.name,
+        claims,
     };
     let items = limiter::items_for(limits, &route.keys, &subject);
     let result = rt.limiter.decide(&items).await;
@@ -347,7 +357,7 @@ async fn forward(
     conn: &ConnInfo,
     mut parts: Parts,
     body: Incoming,
-    who: &Resolved,
+    who: &Resolved<'_>,
 ) -> Result<Response<PooledBody>, ProxyError> {
     let server = &rt.policy.server;
     // The received Host as is (a refcount, no copy); HTTP/2 carries it as :authority.

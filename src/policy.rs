@@ -31,6 +31,8 @@ pub struct Policy {
     pub source_hash: String,
     /// `[consumers]` with its file, when configured.
     pub consumers: Option<Consumers>,
+    /// `[jwt]`, when configured.
+    pub jwt: Option<crate::jwt::Jwt>,
     /// Other files the policy was read from (the consumers file), with the content hash that
     /// was loaded: the reload watcher reloads when one changes.
     pub also_read: Vec<(PathBuf, String)>,
@@ -242,6 +244,8 @@ pub struct Route {
     pub plans: Vec<Option<PlanLimits>>,
     /// A limit is keyed by consumer or has a `plans` table: `unknown = "reject"` applies.
     pub needs_consumer: bool,
+    /// A limit is keyed by a JWT claim: the request's token is verified.
+    pub needs_token: bool,
     /// `bypass`: forwarded, not counted.
     pub bypass: AccessList,
     /// `deny`: 403, not forwarded (checked before `bypass`).
@@ -276,8 +280,8 @@ impl Route {
 #[derive(Debug, Default)]
 pub struct AccessList {
     pub ips: Vec<IpNet>,
-    /// Indexes into the consumers list.
-    pub consumers: Vec<u32>,
+    /// Consumer names.
+    pub consumers: Vec<Arc<str>>,
 }
 
 impl AccessList {
@@ -286,13 +290,15 @@ impl AccessList {
     }
 
     /// Whether the client (IP as resolved through trusted proxies) or its consumer is listed.
-    pub fn matches(&self, client: std::net::IpAddr, who: &Resolved) -> bool {
+    pub fn matches(&self, client: std::net::IpAddr, who: &Resolved<'_>) -> bool {
         if self.is_empty() {
             return false;
         }
         let ip = client.to_canonical();
         self.ips.iter().any(|net| net.contains(&ip))
-            || who.consumer.is_some_and(|c| self.consumers.contains(&c))
+            || who
+                .name
+                .is_some_and(|name| self.consumers.iter().any(|c| &**c == name))
     }
 }
 
@@ -332,6 +338,8 @@ pub enum KeySource {
     Global,
     /// The consumer's name (`by = "consumer"`); the client IP for anonymous requests.
     Consumer,
+    /// A claim of the verified JWT (`by = "jwt:CLAIM"`): its slot, and its name.
+    Jwt(usize, String),
 }
 
 impl std::fmt::Display for KeySource {
@@ -342,6 +350,7 @@ impl std::fmt::Display for KeySource {
             KeySource::Query(name) => write!(f, "query:{name}"),
             KeySource::Global => f.write_str("global"),
             KeySource::Consumer => f.write_str("consumer"),
+            KeySource::Jwt(_, claim) => write!(f, "jwt:{claim}"),
         }
     }
 }

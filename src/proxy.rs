@@ -108,10 +108,16 @@ pub fn set_consumer_headers(
 ) {
     headers.remove(X_TOLLGATE_CONSUMER);
     headers.remove(X_TOLLGATE_PLAN);
-    let (Some(table), Some(index)) = (consumers, who.consumer) else {
+    let (Some(table), Some(name)) = (consumers, who.name) else {
         return;
     };
-    headers.insert(X_TOLLGATE_CONSUMER, table.get(index).header.clone());
+    let header = match who.consumer {
+        Some(index) => Some(table.get(index).header.clone()),
+        // A JWT consumer not listed in the file: its claim, when it is a valid header value.
+        None => HeaderValue::from_str(name).ok(),
+    };
+    let Some(header) = header else { return };
+    headers.insert(X_TOLLGATE_CONSUMER, header);
     if let Some(plan) = who.plan {
         headers.insert(
             X_TOLLGATE_PLAN,

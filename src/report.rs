@@ -128,10 +128,7 @@ pub fn summary(policy: &Policy, file: &str) -> String {
         );
     }
     if let Some(c) = &policy.consumers {
-        let key = match &c.key {
-            crate::consumers::KeyFrom::Header(name) => format!("header:{name}"),
-            crate::consumers::KeyFrom::Query(name) => format!("query:{name}"),
-        };
+        let key = c.key.to_string();
         let plan_name = |p: Option<crate::consumers::PlanId>| {
             p.map_or("none".to_string(), |p| c.plans[usize::from(p)].to_string())
         };
@@ -199,13 +196,7 @@ pub fn summary(policy: &Policy, file: &str) -> String {
                 continue;
             }
             let mut names: Vec<String> = list.ips.iter().map(|n| n.to_string()).collect();
-            if let Some(c) = &policy.consumers {
-                names.extend(
-                    list.consumers
-                        .iter()
-                        .map(|&i| format!("consumer {}", c.get(i).name)),
-                );
-            }
+            names.extend(list.consumers.iter().map(|n| format!("consumer {n}")));
             let _ = writeln!(out, "    {what}: {}", names.join(", "));
         }
         if let Some(j) = &r.rejection {
@@ -289,20 +280,30 @@ pub async fn explain(
         describe_match(&route.matcher),
         route.upstream.name
     );
+    let token = policy.jwt.as_ref().map(|jwt| jwt.check(&parts.headers));
+    match &token {
+        Some(Ok(_)) => {
+            let _ = writeln!(out, "token: verified");
+        }
+        Some(Err(why)) => {
+            let _ = writeln!(
+                out,
+                "token: not verified ({why}): limits keyed by its claims count under the client IP"
+            );
+        }
+        None => {}
+    }
     let who = policy
         .consumers
         .as_ref()
-        .map_or_else(Default::default, |c| c.resolve(&parts));
-    let consumer = who
-        .consumer
-        .zip(policy.consumers.as_ref())
-        .map(|(i, c)| c.get(i));
+        .map_or_else(Default::default, |c| c.resolve(&parts, token.as_ref()));
+    let consumer = who.name;
     if let Some(c) = &policy.consumers {
         let plan = who
             .plan
             .map_or("none".to_string(), |p| c.plans[usize::from(p)].to_string());
         let _ = match consumer {
-            Some(m) => writeln!(out, "consumer {} (plan {plan})", m.name),
+            Some(name) => writeln!(out, "consumer {name} (plan {plan})"),
             None if who.presented => {
                 writeln!(out, "consumer: the key names no consumer (plan {plan})")
             }
@@ -338,10 +339,15 @@ pub async fn explain(
         let _ = writeln!(out, "no limits: forwarded as is");
         return out;
     }
+    let claims = match &token {
+        Some(Ok(claims)) => Some(&**claims),
+        _ => None,
+    };
     let subject = Subject {
         parts: &parts,
         ip: counted,
-        consumer: consumer.map(|m| &*m.name),
+        consumer,
+        claims,
     };
     let items = limiter::items_for(limits, &route.keys, &subject);
     let (store_line, decision) = match &policy.store {
@@ -390,7 +396,7 @@ pub async fn explain(
         let sources: Vec<String> = spec
             .0
             .iter()
-            .map(|s| describe_source(s, &parts, counted, subject.consumer))
+            .map(|s| describe_source(s, &parts, counted, &subject))
             .collect();
         let _ = writeln!(out, "  {}: {}", limit.name, describe_limit(limit, spec));
         let _ = writeln!(out, "    identity: {}", sources.join(", "));
@@ -445,13 +451,19 @@ fn describe_source(
     source: &crate::policy::KeySource,
     parts: &http::request::Parts,
     ip: std::net::IpAddr,
-    consumer: Option<&str>,
+    subject: &crate::identity::Subject<'_>,
 ) -> String {
     use crate::policy::KeySource;
     match source {
-        KeySource::Consumer => match consumer {
+        KeySource::Consumer => match subject.consumer {
             Some(name) => format!("consumer {name}"),
             None => format!("no known consumer: counted under ip {ip}"),
+        },
+        KeySource::Jwt(slot, claim) => match subject.claims.and_then(|c| c.get(*slot)) {
+            Some(_) => {
+                format!("claim {claim} of the verified token (its value is hashed, never stored)")
+            }
+            None => format!("no verified claim {claim}: counted under ip {ip}"),
         },
         KeySource::Ip => format!("ip {ip}"),
         KeySource::Global => "global (one counter for the route)".to_string(),

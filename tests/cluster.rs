@@ -68,6 +68,7 @@ fn store_keys(tg: &tollgate::Running, route: &str, api_key: Option<&str>) -> Vec
         parts: &parts,
         ip: "127.0.0.1".parse().unwrap(),
         consumer: None,
+        claims: None,
     };
     tollgate::limiter::items_for(&route.limits, &route.keys, &subject)
         .iter()

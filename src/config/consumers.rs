@@ -2,7 +2,7 @@
 //! line and column of the file they are in. A key is never echoed in an error: a clear-text
 //! key or a malformed hash is named by its position only.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -27,8 +27,21 @@ fn valid_name(name: &str) -> bool {
 pub(super) fn consumers(
     v: &mut Validator,
     raw: &S<RawConsumers>,
+    mut claims: Option<&mut Vec<String>>,
 ) -> Option<(Consumers, Option<(PathBuf, String)>)> {
     let c = raw.get_ref();
+    let mut jwt_claim = |v: &mut Validator, span, claim: &str, what: &str| match claims
+        .as_deref_mut()
+    {
+        Some(list) => Some(super::validate::claim_slot(list, claim)),
+        None => {
+            v.error(
+                span,
+                format!("{what} = \"jwt:{claim}\" needs a [jwt] table (how tokens are verified)"),
+            );
+            None
+        }
+    };
     let key = match c.key.get_ref().split_once(':') {
         Some(("header", name)) => match HeaderName::from_str(name.trim()) {
             Ok(h) => Some(KeyFrom::Header(h)),
@@ -43,30 +56,37 @@ pub(super) fn consumers(
         Some(("query", name)) if !name.trim().is_empty() => {
             Some(KeyFrom::Query(name.trim().to_string()))
         }
-        Some(("jwt", _)) => {
-            v.error(
-                c.key.span(),
-                "`key = \"jwt:…\"` needs JWT verification, which this version of tollgate does not have yet; use header:NAME or query:NAME",
-            );
-            None
+        Some(("jwt", claim)) if !claim.trim().is_empty() => {
+            jwt_claim(v, c.key.span(), claim.trim(), "key")
+                .map(|slot| KeyFrom::Jwt(slot, claim.trim().to_string()))
         }
         _ => {
             v.error(
                 c.key.span(),
                 format!(
-                    "invalid consumer key \"{}\"; expected \"header:NAME\" or \"query:NAME\"",
+                    "invalid consumer key \"{}\"; expected \"header:NAME\", \"query:NAME\" or \"jwt:CLAIM\"",
                     c.key.get_ref()
                 ),
             );
             None
         }
     };
-    if let Some(p) = &c.plan_from {
-        v.error(
-            p.span(),
-            "`plan_from` reads a JWT claim; it needs key = \"jwt:…\"",
-        );
-    }
+    let jwt_key = matches!(key, Some(KeyFrom::Jwt(..)));
+    let plan_from = match &c.plan_from {
+        None => None,
+        Some(p) => match p.get_ref().split_once(':') {
+            Some(("jwt", claim)) if jwt_key && !claim.trim().is_empty() => {
+                jwt_claim(v, p.span(), claim.trim(), "plan_from")
+            }
+            _ => {
+                v.error(
+                    p.span(),
+                    "`plan_from` reads a JWT claim (plan_from = \"jwt:CLAIM\"); it needs key = \"jwt:…\"",
+                );
+                None
+            }
+        },
+    };
     let mut plans: Vec<Arc<str>> = Vec::new();
     for p in &c.plans {
         let name = p.get_ref();
@@ -122,9 +142,15 @@ pub(super) fn consumers(
         unknown,
         list: Vec::new(),
         by_key: HashMap::default(),
+        by_name: HashMap::new(),
         keys: 0,
+        plan_from,
     };
     let Some(file) = &c.file else {
+        if jwt_key {
+            // The consumer is the claim's value; no file maps names to plans.
+            return key.map(|_| (table, None));
+        }
         v.error(
             raw.span(),
             "[consumers] needs file = \"consumers.toml\" (the consumers and their key hashes)",
@@ -157,9 +183,9 @@ pub(super) fn consumers(
         }
     };
     let mut f = Validator::new(&name, text, v.base_dir);
-    let mut names: HashSet<&str> = HashSet::with_capacity(parsed.consumer.len());
     table.list.reserve(parsed.consumer.len());
     table.by_key.reserve(parsed.consumer.len());
+    table.by_name.reserve(parsed.consumer.len());
     for entry in &parsed.consumer {
         let entry = entry.get_ref();
         let cname = entry.name.get_ref();
@@ -172,7 +198,7 @@ pub(super) fn consumers(
             );
             continue;
         }
-        if !names.insert(cname) {
+        if table.by_name.contains_key(cname.as_str()) {
             f.error(
                 entry.name.span(),
                 format!("duplicate consumer \"{cname}\"; consumer names must be unique"),
@@ -215,8 +241,10 @@ pub(super) fn consumers(
             table.by_key.insert(hash, index);
             table.keys += 1;
         }
+        let shared: Arc<str> = cname.as_str().into();
+        table.by_name.insert(shared.clone(), index);
         table.list.push(Consumer {
-            name: cname.as_str().into(),
+            name: shared,
             plan,
             header: HeaderValue::from_str(cname).expect("consumer names are header-safe"),
         });

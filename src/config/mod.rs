@@ -2,6 +2,7 @@
 //! typed [`Policy`]. Every error names the file, line and column of the offending value.
 
 mod consumers;
+mod jwt;
 mod raw;
 mod syntax;
 pub mod units;

@@ -21,6 +21,18 @@ pub struct RawConfig {
     #[serde(default)]
     pub routes: Vec<S<RawRoute>>,
     pub consumers: Option<S<RawConsumers>>,
+    pub jwt: Option<S<RawJwt>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    pub header: Option<S<String>>,
+    pub jwks_file: Option<S<String>>,
+    pub hs256_secret_env: Option<S<String>>,
+    pub issuer: Option<S<String>>,
+    pub audience: Option<S<String>>,
+    pub leeway: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -53,7 +53,7 @@ impl<'a> Validator<'a> {
         });
     }
 
-    fn duration(&mut self, value: &Option<S<String>>, default: Duration) -> Duration {
+    pub(super) fn duration(&mut self, value: &Option<S<String>>, default: Duration) -> Duration {
         match value {
             None => default,
             Some(v) => match units::parse_duration(v.get_ref()) {
@@ -122,9 +122,12 @@ pub fn validate(
     let server = server(&mut v, &raw.server);
     let store = store(&mut v, raw.store.as_ref());
     let upstreams = upstreams(&mut v, &raw.upstreams);
-    let (consumers, also_read) = match raw.consumers.as_ref() {
+    // The JWT claims the policy reads, collected as consumers and limits name them.
+    let mut claims: Vec<String> = Vec::new();
+    let mut jwt_claims = raw.jwt.is_some().then_some(&mut claims);
+    let (consumers, mut also_read) = match raw.consumers.as_ref() {
         None => (None, Vec::new()),
-        Some(c) => match super::consumers::consumers(&mut v, c) {
+        Some(c) => match super::consumers::consumers(&mut v, c, jwt_claims.as_deref_mut()) {
             Some((table, file)) => (Some(table), file.into_iter().collect()),
             None => (None, Vec::new()),
         },
@@ -136,7 +139,13 @@ pub fn validate(
         &upstreams,
         consumers.as_ref(),
         consumers_failed,
+        jwt_claims,
     );
+    let jwt = raw.jwt.as_ref().and_then(|j| {
+        let (jwt, file) = super::jwt::jwt(&mut v, j, claims)?;
+        also_read.extend(file);
+        Some(jwt)
+    });
     if v.errors.is_empty() {
         let mut key_headers: Vec<HeaderName> = Vec::new();
         if let Some(crate::consumers::KeyFrom::Header(name)) = consumers.as_ref().map(|c| &c.key) {
@@ -160,6 +169,7 @@ pub fn validate(
             key_headers,
             source_hash: super::source_hash(source.as_bytes()),
             consumers,
+            jwt,
             also_read,
         })
     } else {
@@ -633,6 +643,7 @@ fn routes(
     upstreams: &BTreeMap<String, Arc<Upstream>>,
     consumers: Option<&Consumers>,
     consumers_failed: bool,
+    mut claims: Option<&mut Vec<String>>,
 ) -> Vec<Route> {
     let mut seen: HashMap<String, ()> = HashMap::new();
     let mut out = Vec::new();
@@ -704,9 +715,15 @@ fn routes(
                 consumers,
                 consumers_failed,
             };
-            if let Some((limit, plan_rules)) =
-                limit(v, l, policy_name, &mut keys, &mut identities, &context)
-            {
+            if let Some((limit, plan_rules)) = limit(
+                v,
+                l,
+                policy_name,
+                &mut keys,
+                &mut identities,
+                &context,
+                claims.as_deref_mut(),
+            ) {
                 limits.push(limit);
                 rules.push(plan_rules);
             }
@@ -714,6 +731,9 @@ fn routes(
         let plans = plan_limits(&limits, &rules, consumers.map_or(0, |c| c.plans.len()));
         let needs_consumer = keys.iter().any(|k| k.0.contains(&KeySource::Consumer))
             || r.limits.iter().any(|l| l.get_ref().plans.is_some());
+        let needs_token = keys
+            .iter()
+            .any(|k| k.0.iter().any(|s| matches!(s, KeySource::Jwt(..))));
         let bypass = access_list(v, r.bypass.as_ref(), "bypass", consumers);
         let deny = access_list(v, r.deny.as_ref(), "deny", consumers);
         let rejection = r.rejection.as_ref().and_then(|j| rejection(v, j));
@@ -746,6 +766,7 @@ fn routes(
             policy_header,
             plans,
             needs_consumer,
+            needs_token,
             bypass,
             deny,
             rejection,
@@ -806,9 +827,11 @@ fn access_list(
     }
     for c in &a.consumers {
         let name = c.get_ref();
-        match consumers.map(|t| t.list.iter().position(|x| &*x.name == name)) {
-            Some(Some(i)) => out.consumers.push(i as u32),
-            Some(None) => v.error(
+        // JWT consumers are named by their tokens: any name may come.
+        let jwt = consumers.is_some_and(|t| matches!(t.key, crate::consumers::KeyFrom::Jwt(..)));
+        match consumers.map(|t| t.by_name.contains_key(name.as_str()) || jwt) {
+            Some(true) => out.consumers.push(name.as_str().into()),
+            Some(false) => v.error(
                 c.span(),
                 format!("unknown consumer \"{name}\" in `{what}`; it is not in the consumers file"),
             ),
@@ -964,11 +987,18 @@ fn matcher(v: &mut Validator, m: &RawMatch) -> Matcher {
     out
 }
 
-fn key_spec(v: &mut Validator, by: Option<&S<toml::Value>>, consumers: bool) -> Option<KeySpec> {
+/// A limit's `by`. `claims` collects the JWT claims the policy reads (None: no [jwt] table).
+fn key_spec(
+    v: &mut Validator,
+    by: Option<&S<toml::Value>>,
+    consumers: bool,
+    claims: Option<&mut Vec<String>>,
+) -> Option<KeySpec> {
+    let mut claims = claims;
     let Some(by) = by else {
         return Some(KeySpec(vec![KeySource::Ip]));
     };
-    let help = "expected \"ip\", \"header:NAME\", \"query:NAME\", \"global\", \"consumer\", or a list of these";
+    let help = "expected \"ip\", \"header:NAME\", \"query:NAME\", \"global\", \"consumer\", \"jwt:CLAIM\", or a list of these";
     let items: Vec<&str> = match by.get_ref() {
         toml::Value::String(s) => vec![s.as_str()],
         toml::Value::Array(a) if !a.is_empty() => {
@@ -1014,6 +1044,16 @@ fn key_spec(v: &mut Validator, by: Option<&S<toml::Value>>, consumers: bool) -> 
             Some(("query", name)) if !name.trim().is_empty() => {
                 KeySource::Query(name.trim().to_string())
             }
+            Some(("jwt", claim)) if !claim.trim().is_empty() => {
+                let Some(list) = claims.as_deref_mut() else {
+                    v.error(
+                        by.span(),
+                        format!("`by = \"{item}\"` needs a [jwt] table (how tokens are verified)"),
+                    );
+                    return None;
+                };
+                KeySource::Jwt(claim_slot(list, claim.trim()), claim.trim().to_string())
+            }
             _ => {
                 v.error(by.span(), format!("invalid `by` \"{item}\"; {help}"));
                 return None;
@@ -1033,6 +1073,17 @@ fn key_spec(v: &mut Validator, by: Option<&S<toml::Value>>, consumers: bool) -> 
         return None;
     }
     Some(KeySpec(sources))
+}
+
+/// The slot of JWT claim `name`, added to the claims the policy reads if new.
+pub(super) fn claim_slot(claims: &mut Vec<String>, name: &str) -> usize {
+    match claims.iter().position(|c| c == name) {
+        Some(i) => i,
+        None => {
+            claims.push(name.to_string());
+            claims.len() - 1
+        }
+    }
 }
 
 fn gcd(mut a: u64, mut b: u64) -> u64 {
@@ -1233,6 +1284,7 @@ fn limit(
     keys: &mut Vec<KeySpec>,
     identities: &mut HashMap<String, u32>,
     context: &LimitContext,
+    claims: Option<&mut Vec<String>>,
 ) -> Option<(Limit, Vec<PlanRule>)> {
     let l = raw.get_ref();
     let consumers = context.consumers;
@@ -1240,6 +1292,7 @@ fn limit(
         v,
         l.by.as_ref(),
         consumers.is_some() || context.consumers_failed,
+        claims,
     );
     let Some(kind) = Kind::from_name(l.algorithm.get_ref()) else {
         v.error(

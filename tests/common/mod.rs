@@ -555,6 +555,15 @@ impl Binary {
     /// Like [`Binary::start`], with at most `limit` open files (util-linux `prlimit`, which
     /// execs tollgate: the PID is tollgate's).
     pub fn start_with_open_files(config: &Path, limit: Option<u32>) -> Binary {
+        Self::launch(config, limit, &[])
+    }
+
+    /// Like [`Binary::start`], with extra environment variables (they override `RUST_LOG`).
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Binary {
+        Self::launch(config, None, env)
+    }
+
+    fn launch(config: &Path, limit: Option<u32>, env: &[(&str, &str)]) -> Binary {
         use std::io::BufRead;
         let mut command = match limit {
             None => Command::new(env!("CARGO_BIN_EXE_tollgate")),
@@ -570,6 +579,7 @@ impl Binary {
             .args(["--log-format", "json", "run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
