@@ -121,10 +121,11 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
     let started = Instant::now();
     let mut access = Access::begin(&request, conn, rt.policy.server.access_log);
     let mut trail = Trail::default();
+    let grpc = response::is_grpc(request.headers());
 
     let mut response = match phases(&rt, conn, request, &mut trail, &mut access).await {
         Ok(response) => response,
-        Err(exit) => respond(exit, trail.route.map(|(_, r)| r)),
+        Err(exit) => respond(exit, trail.route.map(|(_, r)| r), grpc),
     };
 
     // Recorded once, from the final response.
@@ -276,9 +277,23 @@ fn select_host(parts: &mut Parts) {
 
 /// Every way out, mapped to its response in one place. Forwarding details (addresses, parser
 /// messages) go to the log, never into a body a client reads.
-fn respond(exit: Exit, route: Option<&Route>) -> Response<Body> {
+/// A gRPC request (`grpc`) gets each refusal tollgate makes as a trailers-only gRPC answer.
+fn respond(exit: Exit, route: Option<&Route>, grpc: bool) -> Response<Body> {
     let rejection = route.and_then(|r| r.rejection.as_ref());
     let route = route.map_or("-", |r| &*r.name);
+    if let Exit::Upstream(e) = &exit {
+        match e {
+            ProxyError::BadRequestBody(message) => logging::bad_request_body(route, message),
+            ProxyError::Connect(_)
+            | ProxyError::Timeout(..)
+            | ProxyError::Upstream(..)
+            | ProxyError::BodyTooLarge(_)
+            | ProxyError::BodyIdle => logging::upstream_error(route, e),
+        }
+    }
+    if grpc && let Some((status, message, retry_after)) = grpc_status(&exit) {
+        return response::grpc(status, message, retry_after);
+    }
     match exit {
         Exit::Malformed(e) => response::malformed(e),
         Exit::NoRoute => response::no_route(),
@@ -290,33 +305,59 @@ fn respond(exit: Exit, route: Option<&Route>) -> Response<Body> {
         Exit::Denied => response::denied(route),
         Exit::UnknownConsumer => response::unknown_consumer(route),
         Exit::StoreDown => response::store_unavailable(route),
-        Exit::Upstream(e) => {
-            match &e {
-                ProxyError::BadRequestBody(message) => logging::bad_request_body(route, message),
-                ProxyError::Connect(_)
-                | ProxyError::Timeout(..)
-                | ProxyError::Upstream(..)
-                | ProxyError::BodyTooLarge(_)
-                | ProxyError::BodyIdle => logging::upstream_error(route, &e),
+        Exit::Upstream(e) => match e {
+            ProxyError::Connect(_) => response::bad_gateway("The upstream could not be reached."),
+            ProxyError::Upstream(..) => {
+                response::bad_gateway("The upstream failed or sent an invalid response.")
             }
-            match e {
-                ProxyError::Connect(_) => {
-                    response::bad_gateway("The upstream could not be reached.")
-                }
-                ProxyError::Upstream(..) => {
-                    response::bad_gateway("The upstream failed or sent an invalid response.")
-                }
-                ProxyError::Timeout(..) => {
-                    response::gateway_timeout("The upstream did not send a response in time.")
-                }
-                ProxyError::BodyTooLarge(max) => response::payload_too_large(max),
-                ProxyError::BodyIdle => response::request_timeout(),
-                ProxyError::BadRequestBody(_) => {
-                    response::malformed(framing::FramingError::MalformedBody)
-                }
+            ProxyError::Timeout(..) => {
+                response::gateway_timeout("The upstream did not send a response in time.")
             }
-        }
+            ProxyError::BodyTooLarge(max) => response::payload_too_large(max),
+            ProxyError::BodyIdle => response::request_timeout(),
+            ProxyError::BadRequestBody(_) => {
+                response::malformed(framing::FramingError::MalformedBody)
+            }
+        },
     }
+}
+
+/// The gRPC status (code, message, Retry-After seconds) of a refusal; `None` where the answer
+/// stays plain HTTP (a malformed request, a bad request body, a stalled upload).
+fn grpc_status(exit: &Exit) -> Option<(u8, &'static str, Option<u64>)> {
+    use response::grpc_code as code;
+    Some(match exit {
+        Exit::RateLimited { retry_after } => (
+            code::RESOURCE_EXHAUSTED,
+            "rate limit exceeded",
+            Some(*retry_after),
+        ),
+        Exit::StoreDown => (
+            code::UNAVAILABLE,
+            "the rate-limit store is unavailable",
+            Some(1),
+        ),
+        Exit::Denied => (
+            code::PERMISSION_DENIED,
+            "denied by the route's deny list",
+            None,
+        ),
+        Exit::UnknownConsumer => (code::UNAUTHENTICATED, "a known API key is needed", None),
+        Exit::NoRoute => (code::UNIMPLEMENTED, "no route matches", None),
+        Exit::TooLarge(_) | Exit::Upstream(ProxyError::BodyTooLarge(_)) => {
+            (code::RESOURCE_EXHAUSTED, "the request is too large", None)
+        }
+        Exit::Upstream(ProxyError::Timeout(..)) => (
+            code::DEADLINE_EXCEEDED,
+            "the upstream did not answer in time",
+            None,
+        ),
+        Exit::Upstream(ProxyError::Connect(_) | ProxyError::Upstream(..)) => {
+            (code::UNAVAILABLE, "the upstream is unavailable", None)
+        }
+        Exit::Malformed(_)
+        | Exit::Upstream(ProxyError::BadRequestBody(_) | ProxyError::BodyIdle) => return None,
+    })
 }
 
 /// Asks the store, within its timeout, about the limits of the request's plan.

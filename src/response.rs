@@ -105,6 +105,40 @@ pub fn unknown_consumer(route: &str) -> Response<Body> {
     )
 }
 
+/// gRPC status codes tollgate answers with (grpc/doc/statuscodes.md).
+pub mod grpc_code {
+    pub const DEADLINE_EXCEEDED: u8 = 4;
+    pub const PERMISSION_DENIED: u8 = 7;
+    pub const RESOURCE_EXHAUSTED: u8 = 8;
+    pub const UNIMPLEMENTED: u8 = 12;
+    pub const UNAVAILABLE: u8 = 14;
+    pub const UNAUTHENTICATED: u8 = 16;
+}
+
+const GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
+
+/// Whether a request speaks gRPC (`content-type: application/grpc`, `application/grpc+proto`…).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A trailers-only gRPC answer: HTTP 200, `grpc-status` and `grpc-message` in the only header
+/// block, no body (over HTTP/2 the block ends the stream). `message` is printable ASCII
+/// without `%`, so it needs no percent-encoding.
+pub fn grpc(status: u8, message: &'static str, retry_after_secs: Option<u64>) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::new()));
+    let headers = r.headers_mut();
+    headers.insert(CONTENT_TYPE, GRPC);
+    headers.insert("grpc-status", HeaderValue::from(u16::from(status)));
+    headers.insert("grpc-message", HeaderValue::from_static(message));
+    if let Some(secs) = retry_after_secs {
+        headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    r
+}
+
 /// 404: no route matches.
 pub fn no_route() -> Response<Body> {
     problem(
