@@ -658,3 +658,67 @@ fn consumer_settings_in_proxy_toml_are_validated() {
         "{error}"
     );
 }
+
+/// Sends a request whose `name` header carries `size` bytes of garbage, writing and reading at
+/// once (tollgate answers before the client has finished sending); the status line, or the
+/// connection closed.
+async fn huge_header(addr: std::net::SocketAddr, name: &str, size: usize) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let head = format!("GET /api/x HTTP/1.1\r\nHost: t\r\n{name}: ");
+    let writer = tokio::spawn(async move {
+        let _ = write.write_all(head.as_bytes()).await;
+        let chunk = vec![b'z'; 64 * 1024];
+        let mut sent = 0;
+        while sent < size {
+            if write.write_all(&chunk).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+    });
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), read.read(&mut buf))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap_or(0);
+    writer.abort();
+    (n > 0).then(|| {
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    })
+}
+
+#[tokio::test]
+async fn a_ten_megabyte_key_or_token_is_refused_with_431_at_once() {
+    let upstream = Upstream::start().await;
+    let files = Files::new(
+        &proxy_file(&upstream, &memory_store(), "anonymous", "gcra"),
+        &consumers_file(),
+    );
+    let tg = files.start().await;
+    for name in ["x-api-key", "authorization"] {
+        let status = huge_header(tg.addr, name, 10 << 20).await;
+        assert_eq!(
+            status.as_deref(),
+            Some("HTTP/1.1 431 Request Header Fields Too Large"),
+            "{name}"
+        );
+        // Refused once the head passes 64 KiB, before any of it is hashed or forwarded.
+        assert_eq!(upstream.count(), 0, "nothing forwarded");
+    }
+    // The proxy still serves.
+    let http = Http::new();
+    let ok = http
+        .get(
+            &format!("http://{}/api/x", tg.addr),
+            &[("x-api-key", "acme-key-1")],
+        )
+        .await;
+    assert_eq!(ok.status, 200);
+    tg.stop().await;
+}
