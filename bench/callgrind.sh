@@ -2,7 +2,9 @@
 # Instruction counts per request (valgrind --tool=callgrind), repeatable whatever else the
 # machine is doing: a guide for optimisation next to the wall-clock ratios of bench/run.sh.
 #   bench/callgrind.sh MODE [REQUESTS]      MODE as in bench/row.sh (redis modes need redis-server)
-# Prints instructions per request for tollgate (startup included, amortised over REQUESTS).
+# Prints instructions per request for tollgate (startup included, amortised over REQUESTS: run
+# two REQUESTS counts and take the difference where startup is heavy, e.g. memory_consumers).
+# CG_HEADER='Name: value' adds a request header (an API key, a bearer token).
 set -euo pipefail
 mode=$1 n=${2:-20000}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,11 +39,11 @@ SH
 chmod +x "$work/tg.sh"
 TOLLGATE_BIN="$work/tg.sh" "$here/bench/row.sh" "$mode" $tg_port 127.0.0.1:$up_port redis://127.0.0.1:$redis_port/ "$work" 2>"$work/tg.err" &
 tg=$!
-for _ in $(seq 1 300); do
+for _ in $(seq 1 600); do
   curl -s -o /dev/null "http://127.0.0.1:$tg_port/" && break
   sleep 0.2
 done
-h2load --h1 -n "$n" -c 32 -t 1 "http://127.0.0.1:$tg_port/" > "$work/h2load.txt" 2>&1 || true
+h2load --h1 -n "$n" -c 32 -t 1 ${CG_HEADER:+-H "$CG_HEADER"} "http://127.0.0.1:$tg_port/" > "$work/h2load.txt" 2>&1 || true
 kill -TERM $tg
 wait $tg || true
 total=$(grep -m1 '^summary:' "$work/callgrind.out" | awk '{print $2}')

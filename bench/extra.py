@@ -9,9 +9,11 @@ on cpu0; wrk, the nginx upstream and Redis on cpu1) and an nginx baseline in the
    end), next to nginx's.
 4. consumers: a consumer-keyed token bucket on the memory store with 100,000 consumers, the
    API key drawn at random per request (wrk script), next to tollgate's no-limit row.
+5. jwt: a `jwt:sub`-keyed token bucket with a hot set of 1,000 valid RS256 tokens (signed here
+   with the test fixture key; needs the Python `cryptography` package), next to no limit.
 
 Loopback only; every process started here is stopped by its PID (process group) at the end.
-Usage: bench/extra.py [--seconds 60] [--out FILE] [--only keys10k,flood,conns5000,consumers]
+Usage: bench/extra.py [--seconds 60] [--out FILE] [--only keys10k,flood,conns5000,consumers,jwt]
 (prints Markdown; --out also writes it)
 """
 
@@ -85,11 +87,30 @@ def wrk(url, conns, seconds, script=None):
     return rps, float(p99.group(1)) * scale, int(non2xx.group(1)) if non2xx else 0
 
 
+def rs256_tokens(n):
+    """`n` RS256 tokens (subs user-0 .. user-n-1, valid for an hour) signed with the test
+    fixture key, as tollgate's memory_jwt row verifies them."""
+    import base64, json
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+    with open(os.path.join(ROOT, "tests", "fixtures", "jwt", "rsa-private.pem"), "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), password=None)
+    b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+    header = b64(json.dumps({"alg": "RS256", "typ": "JWT", "kid": "rsa-test-1"}).encode())
+    out = []
+    for i in range(n):
+        claims = {"sub": f"user-{i}", "iss": "https://id.example.com", "exp": int(time.time()) + 3600}
+        message = f"{header}.{b64(json.dumps(claims).encode())}"
+        signature = key.sign(message.encode(), padding.PKCS1v15(), hashes.SHA256())
+        out.append(f"{message}.{b64(signature)}")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--out")
-    ap.add_argument("--only", default="keys10k,flood,conns5000,consumers")
+    ap.add_argument("--only", default="keys10k,flood,conns5000,consumers,jwt")
     args = ap.parse_args()
     only = set(args.only.split(","))
     work = tempfile.mkdtemp(prefix="tollgate-extra-")
@@ -131,6 +152,31 @@ http {{ access_log off; keepalive_requests 10000000;
             p = start(["nginx", "-c", os.path.join(work, "proxy.conf")], 0)
             wait_port(NGX)
             return p
+
+        # 5. jwt: 1,000 hot RS256 tokens
+        if "jwt" in only:
+            script = os.path.join(work, "jwt.lua")
+            tokens = rs256_tokens(1000)
+            with open(script, "w") as f:
+                f.write("local tokens = {\n" + ",\n".join(f'"{t}"' for t in tokens) + "\n}\n")
+                f.write('request = function() return wrk.format("GET", "/", '
+                        '{ ["authorization"] = "Bearer " .. tokens[math.random(1, #tokens)] }) end\n')
+            rows = []
+            for label, make, port in [("nginx proxy_pass, no limit", nginx_proxy, NGX),
+                                      ("tollgate nolimit", lambda: tollgate("nolimit"), TG),
+                                      ("tollgate memory_jwt (jwt:sub, 1,000 RS256 tokens)",
+                                       lambda: tollgate("memory_jwt"), TG)]:
+                p = make()
+                wrk(f"http://{HOST}:{port}/", 64, 2, script)  # warm-up (and the token cache)
+                rows.append((label,) + wrk(f"http://{HOST}:{port}/", 64, 8, script))
+                stop(p)
+            base, nolimit = rows[0][1], rows[1][1]
+            lines += ["### `jwt:sub` token bucket, 1,000 hot RS256 tokens (memory store)", "",
+                      "wrk -t1 -c64 -d8s with a script drawing the bearer token from 1,000 valid RS256 tokens per request.", "",
+                      "| row | req/s | p99 ms | / nginx | / tollgate nolimit | non-2xx |", "|---|---:|---:|---:|---:|---:|"]
+            for label, rps, p99, non in rows:
+                lines.append(f"| {label} | {rps:.0f} | {p99:.2f} | {rps / base:.2f} | {rps / nolimit:.2f} | {non} |")
+            lines += [""]
 
         # 4. consumers (first: it needs no Redis state)
         if "consumers" in only:

@@ -2,10 +2,11 @@
 # One tollgate row for ../shared/bench/peers.py: writes a config for MODE and runs release
 # tollgate in the foreground with one worker thread (the nginx and HAProxy rows use one too).
 #   bench/row.sh MODE LISTEN_PORT UPSTREAM REDIS_URL TMPDIR
-# MODE: nolimit | memory | memory_consumers | memory_keys100k | redis_tb | redis_gcra | redis_tb_10k | redis_batch | flood_memory | flood_redis
+# MODE: nolimit | memory | memory_consumers | memory_keys100k | memory_jwt | redis_tb | redis_gcra | redis_tb_10k | redis_batch | flood_memory | flood_redis
 # memory_consumers: 100,000 consumers (keys key-1 .. key-100000 in x-api-key), a consumer-keyed
 # token bucket on the memory store; memory_keys100k: the same bucket keyed by the raw header
-# (the store's share of that row's cost, without the consumer lookup).
+# (the store's share of that row's cost, without the consumer lookup); memory_jwt: a token
+# bucket keyed by jwt:sub, RS256 tokens verified against the test fixture's JWKS.
 set -euo pipefail
 mode=$1 port=$2 upstream=$3 redis_url=$4 dir=$5
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,6 +38,14 @@ default_plan = \"free\""
         awk '{ printf "[[consumer]]\nname = \"c%d\"\nplan = \"%s\"\nkeys = [\"%s\"]\n", NR, (NR % 2 ? "free" : "pro"), $0 }' \
         > "$dir/consumers-100k.toml"
     fi ;;
+  memory_jwt)
+    store="$store_memory
+
+[jwt]
+jwks_file = \"jwks.json\"
+issuer = \"https://id.example.com\""
+    limits='limits = [{ by = "jwt:sub", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000 }]'
+    printf '{"keys": [%s]}\n' "$(cat "$here/tests/fixtures/jwt/rsa-public.jwk.json")" > "$dir/jwks.json" ;;
   memory_keys100k) store=$store_memory; limits='limits = [{ by = "header:x-api-key", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000 }]' ;;
   redis_tb)     store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000 }]' ;;
   redis_gcra)   store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "gcra", rate = "1000000/s", burst = 1000000000 }]' ;;

@@ -34,8 +34,9 @@ pub async fn watch(app: Arc<App>, shutdown: impl std::future::Future<Output = ()
     // right after startup must not be mistaken for the loaded content.
     let mut seen = Some(app.runtime().policy.source_hash.clone());
     let mut missing_logged = false;
-    // Content of the other files last loaded or refused: a bad consumers file is tried once.
-    let mut tried: Vec<(PathBuf, String)> = Vec::new();
+    // What the other files held when last looked at: a bad consumers file is tried once, and
+    // a file whose size, mtime and inode stay the same is not read again.
+    let mut tried = Others::default();
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -90,23 +91,52 @@ pub async fn watch(app: Arc<App>, shutdown: impl std::future::Future<Output = ()
 
 /// Whether a file the loaded policy read besides the config (the consumers file) now holds
 /// content neither loaded nor tried before, and holds it still (two reads a settle apart
-/// agree). `tried` remembers what was tried, so a bad file is refused once, not every poll.
-async fn also_read_changed(app: &App, tried: &mut Vec<(PathBuf, String)>) -> bool {
+/// agree). `tried` remembers what was tried, so a bad file is refused once, not every poll;
+/// and the metadata it was read with, so an unchanged file (a consumers file may be megabytes)
+/// costs one `stat` a poll, not a read and a hash.
+async fn also_read_changed(app: &App, tried: &mut Others) -> bool {
     let files = app.runtime().policy.also_read.clone();
     for (path, loaded) in files {
+        let meta = stamp(&path);
+        if meta.is_some() && tried.stamps.iter().any(|(p, m)| *p == path && *m == meta) {
+            continue;
+        }
         let Some(now) = read(&path) else { continue };
         let hash = crate::config::source_hash(&now);
-        if hash == loaded || tried.iter().any(|(p, h)| *p == path && *h == hash) {
+        if hash == loaded || tried.hashes.iter().any(|(p, h)| *p == path && *h == hash) {
+            tried.stamps.retain(|(p, _)| *p != path);
+            tried.stamps.push((path, meta));
             continue;
         }
         tokio::time::sleep(SETTLE).await;
         if read(&path).as_ref() == Some(&now) {
-            tried.retain(|(p, _)| *p != path);
-            tried.push((path, hash));
+            tried.hashes.retain(|(p, _)| *p != path);
+            tried.hashes.push((path, hash));
             return true;
         }
     }
     false
+}
+
+/// What the watcher knows of the files a config names.
+#[derive(Default)]
+struct Others {
+    /// Content hashes tried (loaded or refused).
+    hashes: Vec<(PathBuf, String)>,
+    /// Size, modification time and inode when the file was last read.
+    stamps: Vec<(PathBuf, Option<Stamp>)>,
+}
+
+type Stamp = (u64, std::time::SystemTime, u64);
+
+/// A file's size, mtime and inode (through symlinks), to skip reading it when none changed.
+fn stamp(path: &PathBuf) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some((meta.len(), meta.modified().ok()?, inode))
 }
 
 #[cfg(unix)]
