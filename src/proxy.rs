@@ -129,12 +129,14 @@ pub fn set_consumer_headers(
 pub const X_TOLLGATE_CONSUMER: HeaderName = HeaderName::from_static("x-tollgate-consumer");
 pub const X_TOLLGATE_PLAN: HeaderName = HeaderName::from_static("x-tollgate-plan");
 
-/// Removes hop-by-hop headers: the fixed list and whatever `Connection` names (except the
-/// [`protected`] ones). `keep_upgrade` keeps `Upgrade` (and sets `Connection: upgrade`) for a
-/// protocol switch. One pass over the names finds what is present, so the common message
+/// Removes hop-by-hop headers: the fixed list (with `X-Tollgate-Consumer` / `-Plan`) and
+/// whatever `Connection` names (except the [`protected`] ones). `keep_upgrade` keeps
+/// `Upgrade` (and sets `Connection: upgrade`) for a protocol switch. One pass over the names finds what is present, so the common message
 /// (none, or just `Connection: keep-alive`) costs no lookups beyond its own removal.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, key_headers: &[HeaderName]) {
-    const FIXED: [HeaderName; 7] = [
+    // The hop-by-hop headers, and the consumer headers only tollgate may set (removed in the
+    // same pass, so that a client's copies never reach the upstream).
+    const FIXED: [HeaderName; 9] = [
         header::CONNECTION,
         KEEP_ALIVE,
         PROXY_CONNECTION,
@@ -142,8 +144,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, key_headers
         header::TRAILER,
         header::TRANSFER_ENCODING,
         header::UPGRADE,
+        X_TOLLGATE_CONSUMER,
+        X_TOLLGATE_PLAN,
     ];
-    let mut present = [false; 7];
+    let mut present = [false; 9];
     for name in headers.keys() {
         if let Some(i) = FIXED.iter().position(|f| f == name) {
             present[i] = true;
