@@ -149,10 +149,20 @@ impl Access {
         }
     }
 
-    pub fn finish(&self, status: u16, outcome: Option<Outcome>, total: Option<Duration>) {
+    /// The route, kept only when the access log is on (no reference count taken otherwise).
+    pub fn set_route(&mut self, route: &std::sync::Arc<str>) {
+        if self.on {
+            self.route = Some(route.clone());
+        }
+    }
+
+    /// Writes the line (when the access log is on); `started` gives the total time, read only
+    /// then.
+    pub fn finish(&self, status: u16, outcome: Option<Outcome>, started: Option<Instant>) {
         if !self.on {
             return;
         }
+        let total = started.map(|s| s.elapsed());
         tracing::info!(
             target: "tollgate::access",
             method = %self.method.as_ref().map_or("-", Method::as_str),

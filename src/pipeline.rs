@@ -153,8 +153,7 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
         route_metrics.decision(outcome);
     }
     route_metrics.response(status);
-    let total = trail.verdict.is_some().then(|| started.elapsed());
-    access.finish(status, outcome, total);
+    access.finish(status, outcome, trail.verdict.is_some().then_some(started));
     response
 }
 
@@ -179,7 +178,7 @@ async fn phases<'r>(
         .route_for(&RequestView::new(&parts))
         .ok_or(Exit::NoRoute)?;
     trail.route = Some((index, route));
-    access.route = Some(route.name.clone());
+    access.set_route(&route.name);
 
     // A body that says up front it is too large is refused before it costs any budget.
     let max_body = rt.policy.server.max_body;
