@@ -36,11 +36,7 @@ impl Files {
     }
 
     async fn start(&self) -> tollgate::Running {
-        let policy = tollgate::config::load(&self.proxy())
-            .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
-        tollgate::start(policy, Some(self.proxy()), std::future::pending())
-            .await
-            .expect("tollgate starts")
+        start_file(&self.proxy()).await
     }
 }
 
@@ -82,6 +78,17 @@ fn proxy_file(upstream: &Upstream, store: &str, unknown: &str, algorithm: &str) 
         burst(3),
         burst(6),
     )
+}
+
+/// tollgate on [`proxy_file`] with the memory store and [`consumers_file`].
+async fn on_memory(unknown: &str, algorithm: &str) -> (Upstream, Files, tollgate::Running) {
+    let upstream = Upstream::start().await;
+    let files = Files::new(
+        &proxy_file(&upstream, &memory_store(), unknown, algorithm),
+        &consumers_file(),
+    );
+    let tg = files.start().await;
+    (upstream, files, tg)
 }
 
 /// Statuses of `n` requests to `path` with `key` (none when empty).
@@ -207,12 +214,7 @@ async fn each_plan_gets_its_own_quota_on_both_stores() {
 
 #[tokio::test]
 async fn unknown_reject_answers_401_and_forwards_nothing() {
-    let upstream = Upstream::start().await;
-    let files = Files::new(
-        &proxy_file(&upstream, &memory_store(), "reject", "token_bucket"),
-        &consumers_file(),
-    );
-    let tg = files.start().await;
+    let (upstream, _files, tg) = on_memory("reject", "token_bucket").await;
     let http = Http::new();
     let before = upstream.count();
     for key in ["", "no-such-key"] {
@@ -265,12 +267,7 @@ async fn unknown_reject_answers_401_and_forwards_nothing() {
 
 #[tokio::test]
 async fn the_upstream_learns_the_consumer_and_never_a_forged_one() {
-    let upstream = Upstream::start().await;
-    let files = Files::new(
-        &proxy_file(&upstream, &memory_store(), "anonymous", "gcra"),
-        &consumers_file(),
-    );
-    let tg = files.start().await;
+    let (upstream, _files, tg) = on_memory("anonymous", "gcra").await;
     let http = Http::new();
     let forged = [
         ("x-tollgate-consumer", "batch"),
@@ -348,12 +345,7 @@ async fn a_plan_change_on_reload_keeps_the_count_and_applies_the_new_quota() {
 
 #[tokio::test]
 async fn a_bad_consumers_file_on_reload_keeps_the_old_config_serving() {
-    let upstream = Upstream::start().await;
-    let files = Files::new(
-        &proxy_file(&upstream, &memory_store(), "reject", "fixed_window"),
-        &consumers_file(),
-    );
-    let tg = files.start().await;
+    let (_upstream, files, tg) = on_memory("reject", "fixed_window").await;
     let http = Http::new();
     files.write_consumers("[[consumer]]\nname = \"acme\"\nkeys = [\"acme-key-1\"]\n");
     let error = tg
@@ -386,12 +378,7 @@ async fn a_bad_consumers_file_on_reload_keeps_the_old_config_serving() {
 
 #[tokio::test]
 async fn a_changed_consumers_file_is_picked_up_by_the_watcher() {
-    let upstream = Upstream::start().await;
-    let files = Files::new(
-        &proxy_file(&upstream, &memory_store(), "reject", "fixed_window"),
-        &consumers_file(),
-    );
-    let tg = files.start().await;
+    let (upstream, files, tg) = on_memory("reject", "fixed_window").await;
     let http = Http::new();
     let url = format!("http://{}/api/x", tg.addr);
     assert_eq!(
@@ -695,12 +682,7 @@ async fn huge_header(addr: std::net::SocketAddr, name: &str, size: usize) -> Opt
 
 #[tokio::test]
 async fn a_ten_megabyte_key_or_token_is_refused_with_431_at_once() {
-    let upstream = Upstream::start().await;
-    let files = Files::new(
-        &proxy_file(&upstream, &memory_store(), "anonymous", "gcra"),
-        &consumers_file(),
-    );
-    let tg = files.start().await;
+    let (upstream, _files, tg) = on_memory("anonymous", "gcra").await;
     for name in ["x-api-key", "authorization"] {
         let status = huge_header(tg.addr, name, 10 << 20).await;
         assert_eq!(

@@ -117,13 +117,7 @@ async fn refusals_are_trailers_only_grpc_statuses() {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let path = routes(dir.path(), &upstream, &memory_store());
-    let tg = tollgate::start(
-        tollgate::config::load(&path).unwrap(),
-        None,
-        std::future::pending(),
-    )
-    .await
-    .unwrap();
+    let tg = start_file(&path).await;
 
     // The one request of the hour, over plain HTTP; the gRPC call after it is over the limit.
     let http = Http::new();
@@ -192,13 +186,7 @@ async fn a_store_that_fails_closed_is_unavailable() {
     let store =
         "[store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:9/0\"\ntimeout = \"100ms\"";
     let path = routes(dir.path(), &upstream, store);
-    let tg = tollgate::start(
-        tollgate::config::load(&path).unwrap(),
-        None,
-        std::future::pending(),
-    )
-    .await
-    .unwrap();
+    let tg = start_file(&path).await;
     let down = call(tg.addr, "/test.Limited/Call", &[("x-key", "k1")]).await;
     assert_eq!(down.code(), Code::Unavailable, "{down:?}");
     assert_eq!(down.metadata().get("retry-after").unwrap(), "1");
@@ -217,13 +205,7 @@ async fn over_tls_the_refusal_is_the_same_grpc_status() {
         leaf.key.display()
     );
     let path = routes_with(dir.path(), &upstream, &memory_store(), &tls);
-    let tg = tollgate::start(
-        tollgate::config::load(&path).unwrap(),
-        None,
-        std::future::pending(),
-    )
-    .await
-    .unwrap();
+    let tg = start_file(&path).await;
     let ca = tonic::transport::Certificate::from_pem(std::fs::read(pki.ca()).unwrap());
     let channel = tonic::transport::Channel::from_shared(format!("https://{}", tg.addr))
         .unwrap()

@@ -129,10 +129,7 @@ async fn rs256_and_es256_tokens_count_per_sub_and_bad_ones_under_the_ip() {
         upstream.target()
     );
     let setup = Setup::new(Some(&keys.jwks), &text);
-    let policy = tollgate::config::load(&setup.path()).unwrap();
-    let tg = tollgate::start(policy, Some(setup.path()), std::future::pending())
-        .await
-        .unwrap();
+    let tg = start_file(&setup.path()).await;
     let http = Http::new();
     let url = format!("http://{}/x", tg.addr);
     let admitted = |statuses: &[u16]| statuses.iter().filter(|s| **s == 200).count();
@@ -287,10 +284,7 @@ async fn consumers_named_by_a_claim_with_their_plan_from_another() {
         upstream.target()
     );
     let setup = Setup::new(Some(&keys.jwks), &text);
-    let policy = tollgate::config::load(&setup.path()).unwrap();
-    let tg = tollgate::start(policy, Some(setup.path()), std::future::pending())
-        .await
-        .unwrap();
+    let tg = start_file(&setup.path()).await;
     let http = Http::new();
     let url = format!("http://{}/x", tg.addr);
     let count = |who: &str, plan: &str| {

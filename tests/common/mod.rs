@@ -449,6 +449,16 @@ pub async fn start_tollgate(config: &str) -> tollgate::Running {
         .expect("tollgate starts")
 }
 
+/// Starts tollgate in this process from the config file at `path` (relative files such as a
+/// consumers file or a JWKS beside it), with the path kept for reloads.
+pub async fn start_file(path: &Path) -> tollgate::Running {
+    let policy =
+        tollgate::config::load(path).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+    tollgate::start(policy, Some(path.to_path_buf()), std::future::pending())
+        .await
+        .expect("tollgate starts")
+}
+
 /// A config with one upstream named `api` and the given store and routes.
 pub fn config(upstream: &Upstream, store: &str, routes: &str) -> String {
     format!(
