@@ -157,6 +157,25 @@ http {{ access_log off; keepalive_requests 10000000;
             wait_port(NGX)
             return p
 
+        def scripted_rows(title, description, script, modes):
+            """nginx, tollgate nolimit and each of `modes` under one wrk script; a table with
+            ratios to nginx and to tollgate's no-limit row."""
+            rows = []
+            for label, make, port in ([("nginx proxy_pass, no limit", nginx_proxy, NGX),
+                                       ("tollgate nolimit", lambda: tollgate("nolimit"), TG)]
+                                      + [(l, (lambda m=m: tollgate(m)), TG) for l, m in modes]):
+                p = make()
+                wrk(f"http://{HOST}:{port}/", 64, 2, script)  # warm-up (and any cache)
+                rows.append((label,) + wrk(f"http://{HOST}:{port}/", 64, 8, script))
+                stop(p)
+            base, nolimit = rows[0][1], rows[1][1]
+            lines.extend([title, "", description, "",
+                          "| row | req/s | p99 ms | / nginx | / tollgate nolimit | non-2xx |",
+                          "|---|---:|---:|---:|---:|---:|"])
+            for label, rps, p99, non in rows:
+                lines.append(f"| {label} | {rps:.0f} | {p99:.2f} | {rps / base:.2f} | {rps / nolimit:.2f} | {non} |")
+            lines.append("")
+
         # 5. jwt: 1,000 hot RS256 tokens
         if "jwt" in only:
             script = os.path.join(work, "jwt.lua")
@@ -167,44 +186,17 @@ http {{ access_log off; keepalive_requests 10000000;
                         'init = function() for i = 1, #tokens do requests[i] = wrk.format("GET", "/", '
                         '{ ["authorization"] = "Bearer " .. tokens[i] }) end end\n'
                         'request = function() return requests[math.random(1, #requests)] end\n')
-            rows = []
-            for label, make, port in [("nginx proxy_pass, no limit", nginx_proxy, NGX),
-                                      ("tollgate nolimit", lambda: tollgate("nolimit"), TG),
-                                      ("tollgate memory_jwt (jwt:sub, 1,000 RS256 tokens)",
-                                       lambda: tollgate("memory_jwt"), TG)]:
-                p = make()
-                wrk(f"http://{HOST}:{port}/", 64, 2, script)  # warm-up (and the token cache)
-                rows.append((label,) + wrk(f"http://{HOST}:{port}/", 64, 8, script))
-                stop(p)
-            base, nolimit = rows[0][1], rows[1][1]
-            lines += ["### `jwt:sub` token bucket, 1,000 hot RS256 tokens (memory store)", "",
-                      "wrk -t1 -c64 -d8s with a script drawing the bearer token from 1,000 valid RS256 tokens per request.", "",
-                      "| row | req/s | p99 ms | / nginx | / tollgate nolimit | non-2xx |", "|---|---:|---:|---:|---:|---:|"]
-            for label, rps, p99, non in rows:
-                lines.append(f"| {label} | {rps:.0f} | {p99:.2f} | {rps / base:.2f} | {rps / nolimit:.2f} | {non} |")
-            lines += [""]
+            scripted_rows("### `jwt:sub` token bucket, 1,000 hot RS256 tokens (memory store)",
+                          "wrk -t1 -c64 -d8s with a script drawing the bearer token from 1,000 valid RS256 tokens per request.",
+                          script, [("tollgate memory_jwt (jwt:sub, 1,000 RS256 tokens)", "memory_jwt")])
 
         # 4. consumers (first: it needs no Redis state)
         if "consumers" in only:
-            rows = []
-            script = os.path.join(work, "consumers.lua")
-            for label, make, port in [("nginx proxy_pass, no limit", nginx_proxy, NGX),
-                                      ("tollgate nolimit", lambda: tollgate("nolimit"), TG),
-                                      ("tollgate memory_keys100k (same keys, by header)",
-                                       lambda: tollgate("memory_keys100k"), TG),
-                                      ("tollgate memory_consumers (100,000 consumers)",
-                                       lambda: tollgate("memory_consumers"), TG)]:
-                p = make()
-                wrk(f"http://{HOST}:{port}/", 64, 2, script)  # warm-up
-                rows.append((label,) + wrk(f"http://{HOST}:{port}/", 64, 8, script))
-                stop(p)
-            base, nolimit = rows[0][1], rows[1][1]
-            lines += ["### Consumer-keyed token bucket, 100,000 consumers (memory store)", "",
-                      "wrk -t1 -c64 -d8s with a script drawing `x-api-key` from 100,000 known keys per request.", "",
-                      "| row | req/s | p99 ms | / nginx | / tollgate nolimit | non-2xx |", "|---|---:|---:|---:|---:|---:|"]
-            for label, rps, p99, non in rows:
-                lines.append(f"| {label} | {rps:.0f} | {p99:.2f} | {rps / base:.2f} | {rps / nolimit:.2f} | {non} |")
-            lines += [""]
+            scripted_rows("### Consumer-keyed token bucket, 100,000 consumers (memory store)",
+                          "wrk -t1 -c64 -d8s with a script drawing `x-api-key` from 100,000 known keys per request.",
+                          os.path.join(work, "consumers.lua"),
+                          [("tollgate memory_keys100k (same keys, by header)", "memory_keys100k"),
+                           ("tollgate memory_consumers (100,000 consumers)", "memory_consumers")])
 
         rows = []
         for label, make, port in ([] if "keys10k" not in only else [
