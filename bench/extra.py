@@ -14,6 +14,7 @@ on cpu0; wrk, the nginx upstream and Redis on cpu1) and an nginx baseline in the
 
 Loopback only; every process started here is stopped by its PID (process group) at the end.
 Usage: bench/extra.py [--seconds 60] [--out FILE] [--only keys10k,flood,conns5000,consumers,jwt]
+                      [--rounds 3]
 (prints Markdown; --out also writes it)
 """
 
@@ -111,6 +112,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--out")
     ap.add_argument("--only", default="keys10k,flood,conns5000,consumers,jwt")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the wrk-script sections")
     args = ap.parse_args()
     only = set(args.only.split(","))
     work = tempfile.mkdtemp(prefix="tollgate-extra-")
@@ -158,22 +160,31 @@ http {{ access_log off; keepalive_requests 10000000;
             return p
 
         def scripted_rows(title, description, script, modes):
-            """nginx, tollgate nolimit and each of `modes` under one wrk script; a table with
-            ratios to nginx and to tollgate's no-limit row."""
-            rows = []
-            for label, make, port in ([("nginx proxy_pass, no limit", nginx_proxy, NGX),
-                                       ("tollgate nolimit", lambda: tollgate("nolimit"), TG)]
-                                      + [(l, (lambda m=m: tollgate(m)), TG) for l, m in modes]):
-                p = make()
-                wrk(f"http://{HOST}:{port}/", 64, 2, script)  # warm-up (and any cache)
-                rows.append((label,) + wrk(f"http://{HOST}:{port}/", 64, 8, script))
-                stop(p)
-            base, nolimit = rows[0][1], rows[1][1]
-            lines.extend([title, "", description, "",
+            """nginx, tollgate nolimit and each of `modes` under one wrk script, `--rounds`
+            times in turn (nginx, nolimit, modes, nginx, ...): a table of median req/s and p99,
+            with each row's ratio to nginx and to tollgate's no-limit row taken round by round
+            (a machine whose speed drifts moves both sides of a pair) and their median."""
+            rows = ([("nginx proxy_pass, no limit", nginx_proxy, NGX),
+                     ("tollgate nolimit", lambda: tollgate("nolimit"), TG)]
+                    + [(l, (lambda m=m: tollgate(m)), TG) for l, m in modes])
+            runs = [[] for _ in rows]
+            for _ in range(args.rounds):
+                for i, (label, make, port) in enumerate(rows):
+                    p = make()
+                    wrk(f"http://{HOST}:{port}/", 64, 2, script)  # warm-up (and any cache)
+                    runs[i].append(wrk(f"http://{HOST}:{port}/", 64, 8, script))
+                    stop(p)
+            median = lambda xs: sorted(xs)[len(xs) // 2]
+            lines.extend([title, "", description + f" Median of {args.rounds} round(s), ratios taken round by round.", "",
                           "| row | req/s | p99 ms | / nginx | / tollgate nolimit | non-2xx |",
                           "|---|---:|---:|---:|---:|---:|"])
-            for label, rps, p99, non in rows:
-                lines.append(f"| {label} | {rps:.0f} | {p99:.2f} | {rps / base:.2f} | {rps / nolimit:.2f} | {non} |")
+            for i, (label, _, _) in enumerate(rows):
+                rps = median([r[0] for r in runs[i]])
+                p99 = median([r[1] for r in runs[i]])
+                non = sum(r[2] for r in runs[i])
+                to_nginx = median([a[0] / b[0] for a, b in zip(runs[i], runs[0])])
+                to_nolimit = median([a[0] / b[0] for a, b in zip(runs[i], runs[1])])
+                lines.append(f"| {label} | {rps:.0f} | {p99:.2f} | {to_nginx:.2f} | {to_nolimit:.2f} | {non} |")
             lines.append("")
 
         # 5. jwt: 1,000 hot RS256 tokens
