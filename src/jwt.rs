@@ -331,6 +331,37 @@ impl Jwt {
         Err(last)
     }
 
+    /// `check`'s line: keys, issuer, audience, leeway and claims read; never the secret.
+    pub fn describe(&self) -> String {
+        let mut kinds: Vec<String> = self
+            .keys
+            .iter()
+            .map(|k| {
+                let algs: Vec<String> = k.algorithms.iter().map(|a| format!("{a:?}")).collect();
+                match &k.kid {
+                    Some(kid) => format!("{kid} ({})", algs.join("/")),
+                    None => algs.join("/"),
+                }
+            })
+            .collect();
+        if self.secret.is_some() {
+            kinds.push("an HMAC secret from the environment (HS256/384/512)".into());
+        }
+        format!(
+            "jwt: token in {}; keys {}; issuer {}; audience {}; leeway {} s; claims read: {}",
+            self.header,
+            kinds.join(", "),
+            self.issuer.as_deref().unwrap_or("any"),
+            self.audience.as_deref().unwrap_or("any"),
+            self.leeway,
+            if self.claims.is_empty() {
+                "none".to_string()
+            } else {
+                self.claims.join(", ")
+            }
+        )
+    }
+
     /// Tokens remembered now (for tests and metrics).
     pub fn cached(&self) -> usize {
         self.cache.len()

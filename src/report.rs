@@ -127,6 +127,9 @@ pub fn summary(policy: &Policy, file: &str) -> String {
             format_duration(u.timeout)
         );
     }
+    if let Some(jwt) = &policy.jwt {
+        let _ = writeln!(out, "{}", jwt.describe());
+    }
     if let Some(c) = &policy.consumers {
         let key = c.key.to_string();
         let plan_name = |p: Option<crate::consumers::PlanId>| {

@@ -327,6 +327,25 @@ async fn consumers_named_by_a_claim_with_their_plan_from_another() {
 }
 
 #[test]
+fn check_describes_the_jwt_table_without_the_secret() {
+    let keys = Keys::new();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{}\n[upstreams.api]\ntargets = [\"http://127.0.0.1:9\"]\n\
+         [[routes]]\nname = \"r\"\nupstream = \"api\"\nlimits = [{{ by = \"jwt:tenant\", algorithm = \"gcra\", rate = \"1/s\" }}]\n",
+        jwt_table("jwks_file = \"jwks.json\"")
+    );
+    let setup = Setup::new(Some(&keys.jwks), &text);
+    let policy = tollgate::config::load(&setup.path()).unwrap();
+    let summary = tollgate::report::summary(&policy, "proxy.toml");
+    assert!(
+        summary.contains(
+            "jwt: token in authorization; keys rsa-test-1 (RS256), ec-test-1 (ES256); issuer https://id.example.com; audience api; leeway 5 s; claims read: tenant"
+        ),
+        "{summary}"
+    );
+}
+
+#[test]
 fn jwt_config_errors_name_their_file_line_and_column() {
     let text = |jwt: &str| {
         format!(
