@@ -1,7 +1,9 @@
 # tollgate: multi-stage build, small non-root runtime image.
 #   docker build -t tollgate .
-#   docker run --rm -p 8080:8080 -v "$PWD/proxy.toml:/etc/tollgate/proxy.toml:ro" tollgate
-# The mounted proxy.toml must listen on 0.0.0.0 (the shipped example listens on 127.0.0.1).
+#   docker run --rm -p 8080:8080 -p 9901:9901 tollgate        # the built-in deploy/docker/proxy.toml
+#   docker run --rm -p 8080:8080 -v "$PWD/my.toml:/etc/tollgate/proxy.toml:ro" tollgate
+# A mounted config must listen on 0.0.0.0 (the shipped ./proxy.toml listens on 127.0.0.1).
+# deploy/compose/compose.yaml runs two replicas sharing one Redis.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
@@ -14,7 +16,7 @@ FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin tollgate \
  && mkdir -p /etc/tollgate
 COPY --from=build /src/target/release/tollgate /usr/local/bin/tollgate
-COPY proxy.toml /etc/tollgate/proxy.toml
+COPY deploy/docker/proxy.toml /etc/tollgate/proxy.toml
 USER 10001
 WORKDIR /etc/tollgate
 EXPOSE 8080 9901
