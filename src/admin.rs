@@ -1,6 +1,8 @@
 //! The admin listener (`[server] admin`): `GET /healthz` (200 while serving), `GET /readyz`
-//! (200 when the store answers within its timeout, else 503) and `GET /metrics` (Prometheus /
-//! OpenMetrics text). Kept apart from the proxy port so it can stay on loopback.
+//! (200 when the store answers within its timeout, else 503), `GET /metrics` (Prometheus /
+//! OpenMetrics text), and the operator API ([`crate::counters`]): `GET /v1/status`, `GET` and
+//! `DELETE /v1/counters`, behind the bearer token of `[server] admin_token_env` when set (with
+//! no token, `DELETE` is refused). Kept apart from the proxy port so it can stay on loopback.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,7 +31,119 @@ fn text(
     r
 }
 
+/// An RFC 9457 problem document.
+fn problem(status: StatusCode, detail: &str, param: Option<&str>) -> Response<Full<Bytes>> {
+    let mut doc = serde_json::json!({
+        "type": "urn:tollgate:problem:admin",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    if let Some(param) = param {
+        doc["parameter"] = param.into();
+    }
+    text(status, "application/problem+json", doc.to_string())
+}
+
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    text(StatusCode::OK, "application/json", value.to_string())
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`, compared in constant time (both
+/// sides hashed to 32 bytes first, so not even the length leaks).
+fn authorized(request: &Request<Incoming>, token: &crate::policy::Secret) -> bool {
+    let presented = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .unwrap_or("");
+    let (a, b) = (
+        blake3::hash(presented.as_bytes()),
+        blake3::hash(token.0.as_bytes()),
+    );
+    a.as_bytes()
+        .iter()
+        .zip(b.as_bytes())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// `/v1/…`: the operator API.
+async fn v1(app: &App, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let rt = app.runtime();
+    let token = rt.policy.server.admin_token.as_ref();
+    if let Some(token) = token
+        && !authorized(&request, token)
+    {
+        let mut r = problem(
+            StatusCode::UNAUTHORIZED,
+            "The admin API needs Authorization: Bearer <token>.",
+            None,
+        );
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        return r;
+    }
+    let method = request.method().clone();
+    match (request.uri().path(), &method) {
+        ("/v1/status", &Method::GET) => json(&crate::counters::status(&rt)),
+        ("/v1/counters", &Method::GET | &Method::DELETE) => {
+            if method == Method::DELETE && token.is_none() {
+                return problem(
+                    StatusCode::FORBIDDEN,
+                    "Resetting counters needs [server] admin_token_env.",
+                    None,
+                );
+            }
+            let query = request.uri().query().unwrap_or("");
+            let (name, identity) = match crate::counters::parse_query(query) {
+                Ok(q) => q,
+                Err(e) => {
+                    return problem(StatusCode::BAD_REQUEST, &e.to_string(), Some(e.param));
+                }
+            };
+            let Some(route) = rt.policy.routes.iter().find(|r| *r.name == *name) else {
+                return problem(
+                    StatusCode::NOT_FOUND,
+                    "No route has this name.",
+                    Some("route"),
+                );
+            };
+            let answer = if method == Method::DELETE {
+                crate::counters::reset(&rt, route, &identity).await
+            } else {
+                crate::counters::read(&rt, route, &identity).await
+            };
+            match answer {
+                Ok(value) => json(&value),
+                Err(e) => {
+                    tracing::warn!(error = %e, "counters API: the store failed");
+                    problem(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "The rate-limit store did not answer.",
+                        None,
+                    )
+                }
+            }
+        }
+        ("/v1/status" | "/v1/counters", _) => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n",
+        ),
+        _ => problem(StatusCode::NOT_FOUND, "No such admin endpoint.", None),
+    }
+}
+
 async fn handle(app: &App, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    if request.uri().path().starts_with("/v1/") {
+        return v1(app, request).await;
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
     }

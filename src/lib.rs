@@ -21,7 +21,8 @@
 //!
 //! Around them: [`config`] parses and validates proxy.toml into a typed [`policy::Policy`];
 //! [`app`] holds the policy in force with its store and swaps it whole on reload; [`reload`]
-//! watches for SIGHUP and file changes; [`admin`] serves /healthz, /readyz and /metrics;
+//! watches for SIGHUP and file changes; [`admin`] serves /healthz, /readyz, /metrics and the
+//! operator API of [`counters`];
 //! [`tls`] builds the rustls acceptor; [`timeouts`] holds the stall timers hyper lacks; [`report`] renders `check`'s summary;
 //! [`heap`] gives freed memory back to the system after bursts of connections.
 
@@ -34,6 +35,7 @@ pub mod body;
 pub mod config;
 pub mod conn;
 pub mod consumers;
+pub mod counters;
 pub mod framing;
 pub mod heap;
 pub mod identity;

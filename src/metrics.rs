@@ -69,6 +69,11 @@ impl RouteMetrics {
         self.decisions[outcome as usize].inc();
     }
 
+    /// Requests counted per decision so far (for `/v1/status`).
+    pub fn decision_counts(&self) -> [(Outcome, u64); Outcome::ALL.len()] {
+        Outcome::ALL.map(|o| (o, self.decisions[o as usize].get()))
+    }
+
     pub fn response(&self, status: u16) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
         self.classes[class].inc();

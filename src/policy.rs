@@ -43,6 +43,9 @@ pub struct Policy {
 pub struct Server {
     pub listen: SocketAddr,
     pub admin: Option<SocketAddr>,
+    /// `admin_token_env`: the bearer token every `/v1/` admin endpoint needs (none: reads are
+    /// open on the admin listener and `DELETE` is refused).
+    pub admin_token: Option<Secret>,
     pub trusted_proxies: Vec<IpNet>,
     pub rate_limit_headers: HeaderStyle,
     pub ipv6_prefix: u8,

@@ -86,6 +86,7 @@ pub struct RawServer {
     pub max_connections: Option<S<i64>>,
     pub upgrades: Option<S<Vec<S<String>>>>,
     pub escaped_slashes: Option<S<String>>,
+    pub admin_token_env: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

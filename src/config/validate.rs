@@ -208,6 +208,22 @@ fn server(v: &mut Validator, raw: &S<RawServer>) -> Server {
                 None
             }
         });
+    let admin_token = match &s.admin_token_env {
+        None => None,
+        Some(name) => match std::env::var(name.get_ref()) {
+            Ok(token) if !token.is_empty() => Some(Secret(token)),
+            _ => {
+                v.error(
+                    name.span(),
+                    format!(
+                        "the environment variable {} (the admin API token) is not set or empty",
+                        name.get_ref()
+                    ),
+                );
+                None
+            }
+        },
+    };
     let mut trusted_proxies = Vec::new();
     for entry in &s.trusted_proxies {
         let text = entry.get_ref().trim();
@@ -325,6 +341,7 @@ fn server(v: &mut Validator, raw: &S<RawServer>) -> Server {
     Server {
         listen,
         admin,
+        admin_token,
         trusted_proxies,
         rate_limit_headers,
         ipv6_prefix,

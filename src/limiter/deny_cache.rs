@@ -11,6 +11,10 @@ use super::shards::{Expires, Hashed, Shards};
 use super::{Decision, Item};
 
 const SHARDS: usize = 16;
+/// The longest a denial is answered locally before the store is asked again, whatever its
+/// retry-after: an operator's reset (`DELETE /v1/counters` on any replica) reaches every
+/// replica within this time, at the price of one store call per second per rejected key.
+pub const REASK: Duration = Duration::from_secs(1);
 /// Entries at most; beyond it new denials are not cached (the store still decides them).
 const MAX_ENTRIES: usize = 100_000;
 
@@ -18,12 +22,14 @@ const MAX_ENTRIES: usize = 100_000;
 struct Denial {
     retry_at: Instant,
     reset_at: Instant,
+    /// Answered locally until then (the retry-after, or [`REASK`] if sooner).
+    until: Instant,
 }
 
 impl Expires for Denial {
     type Time = Instant;
     fn live_at(&self, now: Instant) -> bool {
-        self.retry_at > now
+        self.until > now
     }
 }
 
@@ -58,7 +64,7 @@ impl DenyCache {
                 let key = Hashed::new(item.id, item.tag);
                 let mut map = self.map.lock(&key);
                 match map.get(&key) {
-                    Some(d) if d.retry_at > now => Some(*d),
+                    Some(d) if d.until > now => Some(*d),
                     Some(_) => {
                         map.remove(&key);
                         None
@@ -98,6 +104,14 @@ impl DenyCache {
         })
     }
 
+    /// Forgets what is remembered for `items` (an operator reset them).
+    pub fn forget(&self, items: &[Item]) {
+        for item in items {
+            let key = Hashed::new(item.id, item.tag);
+            self.map.lock(&key).remove(&key);
+        }
+    }
+
     /// Remembers the enforced limits that rejected `items`; `asked` is when the store was
     /// asked (its retry-after counts from then).
     pub fn remember(&self, items: &[Item], decision: &Decision, asked: Instant) {
@@ -117,6 +131,7 @@ impl DenyCache {
             }
             let denial = Denial {
                 retry_at: asked + Duration::from_micros(o.retry_after),
+                until: asked + Duration::from_micros(o.retry_after).min(REASK),
                 reset_at: asked + Duration::from_micros(o.reset),
             };
             let key = Hashed::new(item.id, item.tag);

@@ -99,6 +99,15 @@ fn micros(d: Duration) -> Micros {
 }
 
 impl Leases {
+    /// Drops this replica's leases of `items` (an operator reset them; unspent units are not
+    /// given back: the store's state they came from is gone).
+    pub fn forget(&self, items: &[Item]) {
+        for item in items {
+            let key = key(item);
+            self.map.lock(&key).remove(&key);
+        }
+    }
+
     /// Units this replica holds for `item` at `now`.
     pub fn available(&self, item: &Item, now: Instant) -> u64 {
         let key = key(item);

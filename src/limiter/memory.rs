@@ -61,6 +61,18 @@ impl MemoryStore {
         self.inner.max_keys.load(Ordering::Relaxed)
     }
 
+    /// Forgets the state of every item (an operator's reset): each starts afresh. Returns how
+    /// many states there were.
+    pub fn reset(&self, items: &[Item]) -> usize {
+        items
+            .iter()
+            .filter(|item| {
+                let key = Hashed::new(item.id, item.tag);
+                self.inner.map.lock(&key).remove(&key).is_some()
+            })
+            .count()
+    }
+
     /// Number of live keys (expired ones count until swept).
     pub fn len(&self) -> usize {
         self.inner.map.len()

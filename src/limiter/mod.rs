@@ -149,6 +149,14 @@ impl Store {
         }
     }
 
+    /// Forgets the state of `items` (an operator's reset); how many states there were.
+    pub async fn reset(&self, items: &[Item]) -> Result<usize, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.reset(items)),
+            Store::Redis(r) => r.reset(items).await,
+        }
+    }
+
     /// Whether the store answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
@@ -246,6 +254,27 @@ impl Limiter {
             .errors
             .get_or_create(&[("kind", e.kind().to_string())])
             .inc();
+    }
+
+    /// Reads `items`' current budgets without changing anything (the store's answer, not the
+    /// local layers': `GET /v1/counters`).
+    pub async fn peek(&self, items: &[Item]) -> Result<Decision, StoreError> {
+        match tokio::time::timeout(self.timeout, self.store.peek(items, None)).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Resets `items` everywhere this replica keeps them: the store (shared by every replica),
+    /// and this replica's deny cache and leases. Other replicas' deny caches ask the store
+    /// again within [`deny_cache::REASK`], so a reset reaches them within that time.
+    pub async fn reset(&self, items: &[Item]) -> Result<usize, StoreError> {
+        self.denials.forget(items);
+        self.leases.forget(items);
+        match tokio::time::timeout(self.timeout, self.store.reset(items)).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
     }
 
     /// Whether the store answers within its timeout.

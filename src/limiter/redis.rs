@@ -511,6 +511,48 @@ impl RedisStore {
         join_all(calls).await;
     }
 
+    /// Deletes the state of every item (an operator's reset): one `DEL` per cluster slot (the
+    /// keys of one identity share a slot), one in all on a single server. Returns how many
+    /// keys existed.
+    pub async fn reset(&self, items: &[Item]) -> Result<usize, StoreError> {
+        let mut groups: Vec<(Tag, Vec<String>)> = Vec::new();
+        for item in items {
+            let key = key_name(&self.prefix, item.id, &item.tag);
+            match groups.iter_mut().find(|(tag, _)| *tag == item.tag) {
+                Some((_, keys)) => keys.push(key),
+                None => groups.push((item.tag, vec![key])),
+            }
+        }
+        let mut deleted = 0;
+        match &self.backend {
+            Backend::Single(_) => {
+                let keys: Vec<String> = groups.into_iter().flat_map(|(_, k)| k).collect();
+                if keys.is_empty() {
+                    return Ok(0);
+                }
+                let (mut conn, broken) = self.connection().await?;
+                let r: Result<usize, RedisError> =
+                    redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+                if let Err(e) = &r
+                    && breaks_connection(e)
+                {
+                    broken.store(true, Ordering::Relaxed);
+                }
+                deleted += r?;
+            }
+            Backend::Cluster(conn) => {
+                for (_, keys) in groups {
+                    let n: usize = redis::cmd("DEL")
+                        .arg(&keys)
+                        .query_async(&mut conn.clone())
+                        .await?;
+                    deleted += n;
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         let result: Result<String, RedisError> = match &self.backend {
             Backend::Single(_) => {
