@@ -23,7 +23,7 @@
 //! [`app`] holds the policy in force with its store and swaps it whole on reload; [`reload`]
 //! watches for SIGHUP and file changes; [`admin`] serves /healthz, /readyz, /metrics and the
 //! operator API of [`counters`];
-//! [`tls`] builds the rustls acceptor; [`timeouts`] holds the stall timers hyper lacks; [`report`] renders `check`'s summary;
+//! [`tls`] builds the rustls acceptor; [`timeouts`] holds the stall timers hyper lacks; [`report`] renders `check`'s summary; [`replay`] runs access logs through a policy;
 //! [`heap`] gives freed memory back to the system after bursts of connections.
 
 // No unsafe code, but for the one FFI call that returns freed memory (heap::trim).
@@ -47,6 +47,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod replay;
 pub mod report;
 pub mod response;
 pub mod route;

@@ -130,6 +130,8 @@ pub struct Access {
     on: bool,
     method: Option<Method>,
     uri: Option<Uri>,
+    /// The Host (or :authority) as received, for `tollgate replay`.
+    host: Option<http::HeaderValue>,
     peer: IpAddr,
     pub route: Option<std::sync::Arc<str>>,
     pub client: Option<IpAddr>,
@@ -142,6 +144,20 @@ impl Access {
             on,
             method: on.then(|| request.method().clone()),
             uri: on.then(|| request.uri().clone()),
+            host: on
+                .then(|| {
+                    request
+                        .headers()
+                        .get(http::header::HOST)
+                        .cloned()
+                        .or_else(|| {
+                            request
+                                .uri()
+                                .authority()
+                                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+                        })
+                })
+                .flatten(),
             peer: conn.peer.ip(),
             route: None,
             client: None,
@@ -166,6 +182,7 @@ impl Access {
         tracing::info!(
             target: "tollgate::access",
             method = %self.method.as_ref().map_or("-", Method::as_str),
+            host = self.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-"),
             path = %self.uri.as_ref().map_or("-", Uri::path),
             route = self.route.as_deref().unwrap_or("-"),
             status,

@@ -1,4 +1,4 @@
-//! The `tollgate` command: `run` (the default), `check`, `explain`, `hash-key` and
+//! The `tollgate` command: `run` (the default), `check`, `explain`, `replay`, `hash-key` and
 //! `healthcheck`. A thin layer over the library.
 #![forbid(unsafe_code)]
 
@@ -47,6 +47,14 @@ enum Command {
     /// Exit 0 when the admin listener of the config answers GET /healthz with 200, else 1
     /// (for container health checks).
     Healthcheck,
+    /// Run access logs (nginx/Apache "combined", or tollgate's JSON access log) through the
+    /// policy in time order on a memory store, and print what each route and limit would have
+    /// admitted and rejected. Contacts no store and no upstream.
+    Replay {
+        /// Log files, read in full and merged by time.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Read one API key from standard input (a trailing newline is ignored) and print its hash
     /// as consumers.toml lists it: `b3:` and 64 hex digits.
     HashKey {
@@ -69,6 +77,7 @@ fn main() -> ExitCode {
         } => explain(&cli.config, &method, &url, &headers, client_ip),
         Command::Healthcheck => healthcheck(&cli.config),
         Command::HashKey { each_line } => hash_key(each_line),
+        Command::Replay { files } => replay(&cli.config, &files),
         Command::Run => {
             logging::init(cli.log_format);
             match run(&cli.config) {
@@ -157,6 +166,41 @@ fn build_request(method: &str, url: &str, headers: &[String]) -> anyhow::Result<
         builder = builder.header(name.trim(), value.trim());
     }
     Ok(builder.body(())?)
+}
+
+fn replay(path: &Path, files: &[PathBuf]) -> ExitCode {
+    let policy = match config::load(path) {
+        Ok(p) => p,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut entries = Vec::new();
+    let mut unparsed = Vec::new();
+    for file in files {
+        let text = match std::fs::read(file) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) => {
+                eprintln!("tollgate replay: {}: {e}", file.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match tollgate::replay::parse_line(line) {
+                Some(entry) => entries.push(entry),
+                // tollgate's JSON logs hold other events too; only access lines count.
+                None if line.trim_start().starts_with('{') => {}
+                None => unparsed.push((file.display().to_string(), i + 1)),
+            }
+        }
+    }
+    let report = tollgate::replay::replay(&policy, entries);
+    print!("{}", tollgate::replay::render(&policy, &report, &unparsed));
+    ExitCode::SUCCESS
 }
 
 fn hash_key(each_line: bool) -> ExitCode {
