@@ -1,6 +1,7 @@
 //! The admin listener (`[server] admin`): `GET /healthz` (200 while serving), `GET /readyz`
 //! (200 when the store answers within its timeout, else 503), `GET /metrics` (Prometheus /
-//! OpenMetrics text), and the operator API ([`crate::counters`]): `GET /v1/status`, `GET` and
+//! OpenMetrics text), `GET /` (a self-contained dashboard page, `dashboard.html`), and the
+//! operator API ([`crate::counters`]): `GET /v1/status`, `GET` and
 //! `DELETE /v1/counters`, behind the bearer token of `[server] admin_token_env` when set (with
 //! no token, `DELETE` is refused). Kept apart from the proxy port so it can stay on loopback.
 
@@ -148,6 +149,12 @@ async fn handle(app: &App, request: Request<Incoming>) -> Response<Full<Bytes>> 
         return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
     }
     match request.uri().path() {
+        // The dashboard: one page, inline CSS and script, drawn from /v1/status.
+        "/" => text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            include_str!("dashboard.html"),
+        ),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => match app.runtime().limiter.ping().await {
             Ok(()) => text(StatusCode::OK, "text/plain", "ready\n"),

@@ -382,3 +382,62 @@ async fn a_reset_on_one_replica_unblocks_the_other_within_a_second() {
         "B unblocked after {took:?}"
     );
 }
+
+#[tokio::test]
+async fn the_dashboard_is_one_self_contained_page_reading_what_v1_status_has() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &upstream,
+        &memory_store(),
+        "",
+        &algorithm_routes("ip", 3, "", ""),
+    );
+    let bin = Binary::start(&path);
+    let http = Http::new();
+    let page = admin(&http, &bin, "GET", "/", None).await;
+    assert_eq!(page.status, 200);
+    assert_eq!(
+        page.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
+    let html = String::from_utf8(page.body.to_vec()).unwrap();
+    // The SVG namespace is a name, not a fetch.
+    let fetched = html.replace("http://www.w3.org/2000/svg", "");
+    for external in [
+        "http://",
+        "https://",
+        "src=\"//",
+        "href=\"//",
+        "@import",
+        "<link",
+    ] {
+        assert!(
+            !fetched.contains(external),
+            "the page fetches nothing from elsewhere: {external}"
+        );
+    }
+    assert!(
+        !html.contains("innerHTML"),
+        "route names are drawn as text, never HTML"
+    );
+    // Every field the page reads is in /v1/status.
+    let status = admin(&http, &bin, "GET", "/v1/status", None).await.json();
+    assert!(status["config_hash"].is_string());
+    assert!(status["store"]["backend"].is_string() && status["store"]["open_breakers"].is_number());
+    let route = &status["routes"][0];
+    for field in ["name", "upstream", "limits", "decisions"] {
+        assert!(!route[field].is_null(), "{field}: {route}");
+    }
+    for kind in ["allowed", "rejected", "store_error"] {
+        assert!(route["decisions"][kind].is_number(), "{kind}");
+        assert!(
+            html.contains(&format!("\"{kind}\"")),
+            "the page shows {kind}"
+        );
+    }
+    for field in ["name", "algorithm", "rate", "quota", "window"] {
+        assert!(!route["limits"][0][field].is_null(), "{field}");
+    }
+}
