@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian/Ubuntu machine: installs what the tests need when it
 # is missing (redis-server and redis-cli, faketime for the clock-skew test; nginx and hypercorn
-# as real origins for the evasion tests; test certificates are made in process with rcgen; the
+# as real origins for the evasion tests; chromium for the dashboard test; test certificates are made in process with rcgen; the
 # tests start their own servers on free loopback ports and never use a system service), then
 # runs every test target.
 set -euo pipefail
@@ -12,6 +12,8 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v faketime >/dev/null 2>&1 || need+=(faketime)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+# A real headless browser for the dashboard test (driven over its DevTools protocol).
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""
