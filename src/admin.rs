@@ -92,7 +92,7 @@ async fn v1(app: &App, request: Request<Incoming>) -> Response<Full<Bytes>> {
     }
     let method = request.method().clone();
     match (request.uri().path(), &method) {
-        ("/v1/status", &Method::GET) => json(&crate::counters::status(&rt)),
+        ("/v1/status", &Method::GET) => json(&crate::counters::status(&rt, &app.metrics)),
         ("/v1/counters", &Method::GET | &Method::DELETE) => {
             if method == Method::DELETE && token.is_none() {
                 return problem(

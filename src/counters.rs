@@ -280,8 +280,11 @@ pub async fn reset(rt: &Runtime, route: &Route, identity: &Identity) -> Result<V
     }))
 }
 
-/// `GET /v1/status`: config hash, store, and every route with its limits and decision counts.
-pub fn status(rt: &Runtime) -> Value {
+/// `GET /v1/status`: config hash and last reload, store (breakers, p99 decision time), and
+/// every route with its limits, decision counts and p99 upstream time (from the histograms,
+/// interpolated within a bucket).
+pub fn status(rt: &Runtime, metrics: &crate::metrics::Metrics) -> Value {
+    let text = metrics.render();
     let routes: Vec<Value> = rt
         .policy
         .routes
@@ -292,18 +295,40 @@ pub fn status(rt: &Runtime) -> Value {
             for (outcome, n) in metrics.decision_counts() {
                 decisions.insert(outcome.as_str().into(), n.into());
             }
+            let p99 = crate::metrics::quantile(
+                &text,
+                "tollgate_upstream_duration_seconds",
+                ("route", &route.name),
+                0.99,
+            );
             json!({
                 "name": &*route.name,
                 "upstream": route.upstream.name,
+                "upstream_p99_ms": p99.map(|s| s * 1000.0),
                 "limits": route.limits.iter().map(|l| Value::Object(limit_json(l))).collect::<Vec<_>>(),
                 "decisions": decisions,
             })
         })
         .collect();
     let store = rt.limiter.store();
+    let backend = store.backend_name();
+    let p99 = crate::metrics::quantile(
+        &text,
+        "tollgate_store_duration_seconds",
+        ("backend", backend),
+        0.99,
+    );
+    let last_reload = metrics
+        .last_reload()
+        .map(|(ok, at)| json!({ "result": if ok { "ok" } else { "failed" }, "unix": at }));
     json!({
         "config_hash": rt.policy.source_hash,
-        "store": { "backend": store.backend_name(), "open_breakers": store.open_breakers() },
+        "last_reload": last_reload,
+        "store": {
+            "backend": backend,
+            "open_breakers": store.open_breakers(),
+            "decision_p99_ms": p99.map(|s| s * 1000.0),
+        },
         "routes": routes,
     })
 }

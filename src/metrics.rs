@@ -97,6 +97,8 @@ pub struct Metrics {
     pub local_denials: Counter,
     pub leased: Counter,
     pub circuit_open: Gauge,
+    /// The last reload: whether it was taken, and when (Unix seconds); for `/v1/status`.
+    last_reload: Mutex<Option<(bool, u64)>>,
 }
 
 fn store_histogram() -> Histogram {
@@ -220,6 +222,7 @@ impl Metrics {
             local_denials,
             leased,
             circuit_open,
+            last_reload: Mutex::new(None),
         }
     }
 
@@ -268,10 +271,19 @@ impl Metrics {
     }
 
     pub fn reload(&self, ok: bool) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some((ok, at));
         let result = if ok { "ok" } else { "failed" };
         self.reloads
             .get_or_create(&[("result", result.to_string())])
             .inc();
+    }
+
+    /// The last reload (taken or refused) and its Unix time, if there was one.
+    pub fn last_reload(&self) -> Option<(bool, u64)> {
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Marks `hash` as the config in force.
@@ -291,6 +303,58 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The `q` quantile (0..1) of histogram `name` in rendered text, over the series whose label
+/// `label` is `value`, interpolated within its bucket as PromQL's `histogram_quantile` does;
+/// `None` before any observation. For `/v1/status`, never the hot path.
+pub fn quantile(text: &str, name: &str, (label, value): (&str, &str), q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{");
+    let want = format!("{label}=\"{value}\"");
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some((labels, count)) = rest.split_once("} ") else {
+            continue;
+        };
+        if !labels.split(',').any(|l| l == want) {
+            continue;
+        }
+        let le = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("le=\""))
+            .and_then(|l| l.strip_suffix('"'))?;
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        buckets.push((le, count.split_whitespace().next()?.parse().ok()?));
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut below = (0.0, 0.0);
+    for &(le, count) in &buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(below.0);
+            }
+            let share = if count > below.1 {
+                (rank - below.1) / (count - below.1)
+            } else {
+                1.0
+            };
+            return Some(below.0 + (le - below.0) * share);
+        }
+        below = (le, count);
+    }
+    None
 }
 
 /// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition: counter families
@@ -361,6 +425,21 @@ pub struct LimiterMetrics {
         [(&'static str, String); 1],
         prometheus_client::metrics::counter::Counter,
     >,
+}
+
+#[cfg(test)]
+mod quantile_tests {
+    #[test]
+    fn quantiles_interpolate_within_the_bucket() {
+        let text = "h_bucket{route=\"a\",le=\"0.1\"} 50\nh_bucket{route=\"a\",le=\"0.2\"} 100\n\
+                    h_bucket{route=\"a\",le=\"+Inf\"} 100\nh_bucket{route=\"b\",le=\"0.1\"} 0\n\
+                    h_bucket{route=\"b\",le=\"+Inf\"} 0\n";
+        let q = |route, q| super::quantile(text, "h", ("route", route), q);
+        assert_eq!(q("a", 0.5), Some(0.1));
+        assert!((q("a", 0.99).unwrap() - 0.198).abs() < 1e-9);
+        assert_eq!(q("b", 0.99), None);
+        assert_eq!(q("c", 0.99), None);
+    }
 }
 
 #[cfg(test)]

@@ -302,6 +302,30 @@ async fn the_token_guards_every_v1_endpoint_and_bad_queries_name_their_parameter
     assert_eq!(gcra["decisions"]["rejected"], 1, "{gcra}");
     assert_eq!(gcra["limits"][0]["algorithm"], "gcra");
     assert_eq!(status["store"]["backend"], "memory");
+    // Times from the histograms: requests were forwarded and decided.
+    assert!(
+        gcra["upstream_p99_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{gcra}"
+    );
+    assert!(
+        status["store"]["decision_p99_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms > 0.0),
+        "{status}"
+    );
+    assert!(status["last_reload"].is_null(), "no reload yet: {status}");
+    bin.signal("HUP");
+    let reloaded = eventually(Duration::from_secs(5), || {
+        let (http, bin) = (&http, &bin);
+        async move {
+            admin(http, bin, "GET", "/v1/status", Some(TOKEN))
+                .await
+                .json()["last_reload"]["result"]
+                == "ok"
+        }
+    })
+    .await;
+    assert!(reloaded < Duration::from_secs(5));
     assert!(
         !serde_json::to_string(&bin.logs()).unwrap().contains(TOKEN),
         "the token is never logged"
