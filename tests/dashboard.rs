@@ -202,13 +202,7 @@ async fn the_page_shows_what_metrics_say_and_charts_a_burst_of_429s() {
     for _ in 0..12 {
         http.get(&login, &[]).await;
     }
-    let scrape = String::from_utf8(
-        http.get(&format!("http://{admin}/metrics"), &[])
-            .await
-            .body
-            .to_vec(),
-    )
-    .unwrap();
+    let scrape = http.scrape(admin).await;
     let rejected = rejected_in_metrics(&scrape);
     assert_eq!(rejected, 10, "2 more admitted, then 10 rejected");
     let started = std::time::Instant::now();

@@ -103,13 +103,7 @@ async fn every_metric_the_dashboard_and_alerts_name_is_in_a_real_scrape() {
         http.get(&format!("http://{}{path}", tg.addr), &[]).await;
     }
     let admin = tg.admin_addr.expect("admin listener");
-    let scrape = String::from_utf8(
-        http.get(&format!("http://{admin}/metrics"), &[])
-            .await
-            .body
-            .to_vec(),
-    )
-    .unwrap();
+    let scrape = http.scrape(admin).await;
     let have = exposed(&scrape);
     for file in [
         "deploy/grafana/tollgate.json",

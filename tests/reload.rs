@@ -42,8 +42,7 @@ async fn wait_for_quota(http: &Http, addr: std::net::SocketAddr, quota: u32) -> 
 }
 
 async fn metric(http: &Http, admin: std::net::SocketAddr, line_start: &str) -> Option<u64> {
-    let body = http.get(&format!("http://{admin}/metrics"), &[]).await.body;
-    common::parse::metric(&String::from_utf8_lossy(&body), line_start).map(|v| v as u64)
+    common::parse::metric(&http.scrape(admin).await, line_start).map(|v| v as u64)
 }
 
 struct Setup {

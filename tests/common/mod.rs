@@ -545,6 +545,12 @@ impl Http {
     pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Reply {
         self.send("GET", url, headers, Bytes::new()).await
     }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn scrape(&self, admin: SocketAddr) -> String {
+        let body = self.get(&format!("http://{admin}/metrics"), &[]).await.body;
+        String::from_utf8(body.to_vec()).expect("metrics are text")
+    }
 }
 
 /// The tollgate binary running as a child process (for signals, reloads and the CLI), with
