@@ -92,6 +92,16 @@ fn jwt_table(keys: &str) -> String {
     )
 }
 
+/// A proxy.toml with `store`, `[jwt]` keyed by `keys`, `extra` tables, and one route `api` to
+/// `target` with `limits`.
+fn proxy_text(store: &str, keys: &str, extra: &str, target: &str, limits: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n{store}\n{}\n{extra}\n[upstreams.api]\ntargets = [\"{target}\"]\n\n\
+         [[routes]]\nname = \"api\"\nupstream = \"api\"\nlimits = [{limits}]\n",
+        jwt_table(keys)
+    )
+}
+
 /// proxy.toml (and jwks.json) in a directory: route `api`, `n` per hour per `sub`.
 struct Setup {
     dir: tempfile::TempDir,
@@ -120,13 +130,12 @@ fn bearer(token: &str) -> String {
 async fn rs256_and_es256_tokens_count_per_sub_and_bad_ones_under_the_ip() {
     let keys = Keys::new();
     let upstream = Upstream::start().await;
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n{}\n{}\n[upstreams.api]\ntargets = [\"{}\"]\n\n\
-         [[routes]]\nname = \"api\"\nupstream = \"api\"\n\
-         limits = [{{ by = \"jwt:sub\", algorithm = \"fixed_window\", rate = \"3/hour\" }}]\n",
-        memory_store(),
-        jwt_table("jwks_file = \"jwks.json\""),
-        upstream.target()
+    let text = proxy_text(
+        &memory_store(),
+        "jwks_file = \"jwks.json\"",
+        "",
+        &upstream.target(),
+        "{ by = \"jwt:sub\", algorithm = \"fixed_window\", rate = \"3/hour\" }",
     );
     let setup = Setup::new(Some(&keys.jwks), &text);
     let tg = start_file(&setup.path()).await;
@@ -218,13 +227,12 @@ async fn two_replicas_on_one_redis_admit_exactly_the_limit_for_one_sub_hs256_fro
     let redis = Redis::start();
     let upstream = Upstream::start().await;
     let secret = "a-test-hmac-secret-of-some-length";
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n{}\n{}\n[upstreams.api]\ntargets = [\"{}\"]\n\n\
-         [[routes]]\nname = \"api\"\nupstream = \"api\"\n\
-         limits = [{{ by = \"jwt:sub\", algorithm = \"gcra\", rate = \"10/hour\", burst = 10 }}]\n",
-        redis_store(&redis),
-        jwt_table("hs256_secret_env = \"TOLLGATE_TEST_JWT_SECRET\""),
-        upstream.target()
+    let text = proxy_text(
+        &redis_store(&redis),
+        "hs256_secret_env = \"TOLLGATE_TEST_JWT_SECRET\"",
+        "",
+        &upstream.target(),
+        "{ by = \"jwt:sub\", algorithm = \"gcra\", rate = \"10/hour\", burst = 10 }",
     );
     let setup = Setup::new(None, &text);
     let env = [("TOLLGATE_TEST_JWT_SECRET", secret), ("RUST_LOG", "debug")];
@@ -272,16 +280,13 @@ async fn two_replicas_on_one_redis_admit_exactly_the_limit_for_one_sub_hs256_fro
 async fn consumers_named_by_a_claim_with_their_plan_from_another() {
     let keys = Keys::new();
     let upstream = Upstream::start().await;
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n{}\n{}\n\
-         [consumers]\nkey = \"jwt:sub\"\nplan_from = \"jwt:plan\"\nplans = [\"free\", \"pro\"]\n\
-         default_plan = \"free\"\nunknown = \"reject\"\n\n\
-         [upstreams.api]\ntargets = [\"{}\"]\n\n\
-         [[routes]]\nname = \"api\"\nupstream = \"api\"\n\
-         limits = [{{ by = \"consumer\", algorithm = \"fixed_window\", rate = \"2/hour\", plans = {{ pro = {{ rate = \"4/hour\" }} }} }}]\n",
-        memory_store(),
-        jwt_table("jwks_file = \"jwks.json\""),
-        upstream.target()
+    let text = proxy_text(
+        &memory_store(),
+        "jwks_file = \"jwks.json\"",
+        "[consumers]\nkey = \"jwt:sub\"\nplan_from = \"jwt:plan\"\nplans = [\"free\", \"pro\"]\n\
+         default_plan = \"free\"\nunknown = \"reject\"\n",
+        &upstream.target(),
+        "{ by = \"consumer\", algorithm = \"fixed_window\", rate = \"2/hour\", plans = { pro = { rate = \"4/hour\" } } }",
     );
     let setup = Setup::new(Some(&keys.jwks), &text);
     let tg = start_file(&setup.path()).await;
