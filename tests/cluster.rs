@@ -628,11 +628,20 @@ async fn replica_promoted_during_traffic(switch: Switch) {
         .arg("MYID")
         .query(&mut primary_conn)
         .unwrap();
-    let replicas: Vec<String> = redis::cmd("CLUSTER")
-        .arg("REPLICAS")
-        .arg(&id)
-        .query(&mut primary_conn)
-        .unwrap();
+    // The replica shows in CLUSTER REPLICAS once the cluster bus has told the primary about
+    // it, which can come a moment after the cluster reports ok.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let replicas: Vec<String> = loop {
+        let replicas: Vec<String> = redis::cmd("CLUSTER")
+            .arg("REPLICAS")
+            .arg(&id)
+            .query(&mut primary_conn)
+            .unwrap();
+        if !replicas.is_empty() || Instant::now() > deadline {
+            break replicas;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(replicas.len(), 1, "{replicas:?}");
     let replica_port: u16 = replicas[0]
         .split_whitespace()

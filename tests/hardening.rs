@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::raw::*;
 use common::*;
+
+/// The tests that open thousands of connections and read this process's memory take this
+/// exclusively: run beside the others they would share the descriptors and the two cores.
+static ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::{BodyExt, Empty};
@@ -208,6 +212,7 @@ async fn all_refused(cases: Vec<Case>) {
 
 #[tokio::test]
 async fn transfer_encoding_other_than_one_chunked_is_refused_and_nothing_is_forwarded() {
+    let _shared = ALONE.read().await;
     all_refused(vec![
         case(
             "chunked, chunked",
@@ -262,6 +267,7 @@ async fn transfer_encoding_other_than_one_chunked_is_refused_and_nothing_is_forw
 
 #[tokio::test]
 async fn content_length_with_transfer_encoding_is_a_400_and_nothing_is_forwarded() {
+    let _shared = ALONE.read().await;
     all_refused(vec![
         case(
             "CL then TE (CL.TE)",
@@ -294,6 +300,7 @@ async fn content_length_with_transfer_encoding_is_a_400_and_nothing_is_forwarded
 
 #[tokio::test]
 async fn malformed_content_length_is_refused_and_nothing_is_forwarded() {
+    let _shared = ALONE.read().await;
     all_refused(vec![
         case(
             "two different lengths",
@@ -319,6 +326,7 @@ async fn malformed_content_length_is_refused_and_nothing_is_forwarded() {
 
 #[tokio::test]
 async fn missing_or_repeated_host_is_a_400_and_nothing_is_forwarded() {
+    let _shared = ALONE.read().await;
     // Each carries a pipelined request behind it: after a 400 the connection must close, so
     // it is never read.
     all_refused(vec![
@@ -382,6 +390,7 @@ fn header<'a>(r: &'a Received, name: &str) -> Option<&'a str> {
 
 #[tokio::test]
 async fn connection_cannot_remove_framing_routing_or_key_headers() {
+    let _shared = ALONE.read().await;
     let upstream = Upstream::start().await;
     let routes = "[[routes]]\nname = \"keyed\"\nupstream = \"api\"\n\
                   limits = [ { by = \"header:x-api-key\", algorithm = \"fixed_window\", rate = \"100/hour\" } ]\n";
@@ -444,6 +453,7 @@ async fn connection_cannot_remove_framing_routing_or_key_headers() {
 
 #[tokio::test]
 async fn the_upstream_request_is_framed_by_tollgate_not_the_client() {
+    let _shared = ALONE.read().await;
     let upstream = Upstream::start().await;
     let tg = start_tollgate(&config_with(&upstream.target(), "", OPEN_ROUTE)).await;
     let mut s = TcpStream::connect(tg.addr).await.unwrap();
@@ -574,6 +584,7 @@ async fn all_bad_gateway(responses: &'static [&'static [u8]], names: &[&str]) {
 
 #[tokio::test]
 async fn an_upstream_with_a_garbage_status_line_or_bad_lengths_is_a_502() {
+    let _shared = ALONE.read().await;
     const RESPONSES: &[&[u8]] = &[
         b"HTTP/1.1 abc OK\r\nContent-Length: 2\r\n\r\nok",
         b"garbage garbage\r\n\r\n",
@@ -600,6 +611,7 @@ async fn an_upstream_with_a_garbage_status_line_or_bad_lengths_is_a_502() {
 
 #[tokio::test]
 async fn an_upstream_with_ambiguous_transfer_encoding_is_a_502() {
+    let _shared = ALONE.read().await;
     const RESPONSES: &[&[u8]] = &[
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
@@ -621,6 +633,7 @@ async fn an_upstream_with_ambiguous_transfer_encoding_is_a_502() {
 
 #[tokio::test]
 async fn a_broken_upstream_body_is_cut_never_completed() {
+    let _shared = ALONE.read().await;
     // The head is fine (so it is relayed); the body breaks mid-way.
     const RESPONSES: &[&[u8]] =
         &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nmore\r\n"];
@@ -666,6 +679,7 @@ fn assert_about(what: &str, took: Duration, expected: Duration) {
 
 #[tokio::test]
 async fn slowloris_and_idle_keep_alive_are_cut_at_the_header_read_timeout() {
+    let _shared = ALONE.read().await;
     let upstream = Upstream::start().await;
     let tg = start_tollgate(&config_with(
         &upstream.target(),
@@ -738,6 +752,7 @@ async fn slowloris_and_idle_keep_alive_are_cut_at_the_header_read_timeout() {
 
 #[tokio::test]
 async fn a_silent_connection_is_cut_at_the_header_read_timeout() {
+    let _shared = ALONE.read().await;
     let upstream = Upstream::start().await;
     let tg = start_tollgate(&config_with(
         &upstream.target(),
@@ -780,6 +795,7 @@ async fn a_silent_connection_is_cut_at_the_header_read_timeout() {
 
 #[tokio::test]
 async fn a_stalled_body_is_a_408_at_the_body_idle_timeout() {
+    let _shared = ALONE.read().await;
     let upstream = Upstream::start().await;
     let tg = start_tollgate(&config_with(
         &upstream.target(),
@@ -821,6 +837,7 @@ async fn a_stalled_body_is_a_408_at_the_body_idle_timeout() {
 
 #[tokio::test]
 async fn a_slow_but_steady_body_is_not_cut() {
+    let _shared = ALONE.read().await;
     let upstream = Upstream::start().await;
     let tg = start_tollgate(&config_with(
         &upstream.target(),
@@ -849,6 +866,7 @@ async fn a_slow_but_steady_body_is_not_cut() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_at_the_send_timeout() {
+    let _shared = ALONE.read().await;
     let upstream = Upstream::start().await;
     let tg = start_tollgate(&config_with(
         &upstream.target(),
@@ -905,6 +923,7 @@ async fn a_client_that_stops_reading_is_cut_at_the_send_timeout() {
 
 #[tokio::test]
 async fn at_max_connections_a_new_client_waits_until_a_slot_frees() {
+    let _shared = ALONE.read().await;
     let upstream = Upstream::start().await;
     let tg = start_tollgate(&config_with(
         &upstream.target(),
@@ -1016,6 +1035,7 @@ async fn echo(ws: &mut Ws, message: Message) {
 
 #[tokio::test]
 async fn websocket_messages_echo_through_tollgate_and_an_idle_session_is_closed() {
+    let _shared = ALONE.read().await;
     let (ws_addr, sessions, ws_task) = ws_echo_upstream().await;
     let routes = "[[routes]]\nname = \"ws\"\nupstream = \"api\"\n\
                   limits = [ { by = \"ip\", algorithm = \"fixed_window\", rate = \"2/hour\" } ]\n";
@@ -1235,6 +1255,7 @@ async fn keep_alive_connection(addr: SocketAddr) -> tokio::io::BufReader<TcpStre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_bounded_for_64_mib_bodies_and_5000_idle_connections() {
+    let _alone = ALONE.write().await;
     const BIG: u64 = 64 * 1024 * 1024;
     const CONNECTIONS: usize = 5_000;
     let started = Instant::now();
@@ -1344,6 +1365,7 @@ async fn memory_stays_bounded_for_64_mib_bodies_and_5000_idle_connections() {
 
 #[tokio::test]
 async fn a_slow_upload_answered_early_never_holds_up_the_next_request() {
+    let _shared = ALONE.read().await;
     // nginx answers /early before reading the body, as an app rejecting with 401 does.
     let origin = common::origins::Nginx::start(
         "server { listen 127.0.0.1:{port}; location /early { return 401 \"no\\n\"; } \
@@ -1384,6 +1406,7 @@ async fn a_slow_upload_answered_early_never_holds_up_the_next_request() {
 
 #[tokio::test]
 async fn run_cuts_what_is_left_when_the_grace_expires() {
+    let _shared = ALONE.read().await;
     let upstream = Upstream::start().await;
     let tg = start_tollgate(&config_with(
         &upstream.target(),
@@ -1443,6 +1466,7 @@ fn raise_open_files(want: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_never_read_a_large_response_cost_little_and_give_it_back() {
+    let _alone = ALONE.write().await;
     const SIZE: u64 = 10 * 1024 * 1024;
     // 1,500 clients need about 3,000 descriptors here (client sockets, the upstream's) and as
     // many in tollgate; a machine whose hard limit forbids it runs fewer, and says so.
@@ -1538,6 +1562,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 #[tokio::test]
 async fn accept_errors_back_off_on_both_listeners() {
+    let _shared = ALONE.read().await;
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("proxy.toml");
