@@ -17,13 +17,13 @@ use hyper::body::Incoming;
 use crate::app::{App, Runtime};
 use crate::body::RequestBody;
 use crate::conn::ConnInfo;
-use crate::consumers::{PlanId, Resolved, Unknown};
+use crate::consumers::{PlanId, Resolved};
 use crate::framing;
 use crate::identity::{self, Subject};
 use crate::limiter::{self, Decision, Item};
 use crate::logging::{self, Access};
 use crate::metrics::Outcome;
-use crate::policy::{OnStoreError, Route};
+use crate::policy::{Admission, OnStoreError, Route};
 use crate::proxy::{self, ProxyError};
 use crate::response::{self, Body};
 use crate::route::RequestView;
@@ -203,21 +203,17 @@ async fn phases<'r>(
     });
     let who = consumers.map_or_else(Resolved::default, |c| c.resolve(&parts, token.as_ref()));
     trail.plan = who.plan;
-    let verdict = if route.deny.matches(client, &who) {
-        Verdict::Denied
-    } else if route.bypass.matches(client, &who) {
-        Verdict::Bypassed
-    } else if route.needs_consumer
-        && who.name.is_none()
-        && consumers.is_some_and(|c| c.unknown == Unknown::Reject)
-    {
-        Verdict::UnknownConsumer
-    } else {
-        let claims = match &token {
-            Some(Ok(claims)) => Some(&**claims),
-            _ => None,
-        };
-        decide(rt, route, &parts, client, &who, claims).await
+    let verdict = match route.access(client, &who, consumers) {
+        Admission::Denied => Verdict::Denied,
+        Admission::Bypassed => Verdict::Bypassed,
+        Admission::UnknownConsumer => Verdict::UnknownConsumer,
+        Admission::Limited => {
+            let claims = match &token {
+                Some(Ok(claims)) => Some(&**claims),
+                _ => None,
+            };
+            decide(rt, route, &parts, client, &who, claims).await
+        }
     };
     let stop = match &verdict {
         Verdict::Unlimited | Verdict::Bypassed | Verdict::StoreFailed(OnStoreError::Allow) => None,

@@ -279,6 +279,43 @@ impl Route {
     }
 }
 
+/// What a route's access rules say about a request, before any limit: in this order, the deny
+/// list, the bypass list, and `unknown = "reject"` on a consumer-keyed route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// `deny` names the client or its consumer: 403.
+    Denied,
+    /// `bypass` names them: forwarded, not counted.
+    Bypassed,
+    /// The route needs a known consumer and the request names none: 401.
+    UnknownConsumer,
+    /// On to the limits.
+    Limited,
+}
+
+impl Route {
+    /// The access rules for a request from `client` resolved to `who`.
+    pub fn access(
+        &self,
+        client: std::net::IpAddr,
+        who: &Resolved<'_>,
+        consumers: Option<&Consumers>,
+    ) -> Admission {
+        if self.deny.matches(client, who) {
+            Admission::Denied
+        } else if self.bypass.matches(client, who) {
+            Admission::Bypassed
+        } else if self.needs_consumer
+            && who.name.is_none()
+            && consumers.is_some_and(|c| c.unknown == crate::consumers::Unknown::Reject)
+        {
+            Admission::UnknownConsumer
+        } else {
+            Admission::Limited
+        }
+    }
+}
+
 /// A route's `bypass` or `deny` list.
 #[derive(Debug, Default)]
 pub struct AccessList {

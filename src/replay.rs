@@ -14,7 +14,7 @@ use http::{Method, Request};
 use crate::identity::{self, Subject, Tag};
 use crate::limiter::algorithm::Micros;
 use crate::limiter::memory::MemoryStore;
-use crate::policy::{KeySource, Policy};
+use crate::policy::{Admission, KeySource, Policy};
 use crate::route::RequestView;
 
 /// One request of a log.
@@ -186,6 +186,8 @@ struct RouteTally {
     rejected: u64,
     denied: u64,
     bypassed: u64,
+    /// Refused with 401 (`unknown = "reject"`): a log's requests name no consumer.
+    unknown_consumer: u64,
     limits: Vec<LimitTally>,
 }
 
@@ -236,14 +238,22 @@ pub fn replay(policy: &Policy, mut entries: Vec<Entry>) -> Report {
         let tally = &mut report.routes[index];
         tally.requests += 1;
         let client = identity::client_ip(entry.client, &parts.headers, &[]);
+        // Logs carry no keys: every request is anonymous.
         let nobody = crate::consumers::Resolved::default();
-        if route.deny.matches(client, &nobody) {
-            tally.denied += 1;
-            continue;
-        }
-        if route.bypass.matches(client, &nobody) {
-            tally.bypassed += 1;
-            continue;
+        match route.access(client, &nobody, policy.consumers.as_ref()) {
+            Admission::Denied => {
+                tally.denied += 1;
+                continue;
+            }
+            Admission::Bypassed => {
+                tally.bypassed += 1;
+                continue;
+            }
+            Admission::UnknownConsumer => {
+                tally.unknown_consumer += 1;
+                continue;
+            }
+            Admission::Limited => {}
         }
         // Anonymous requests: the default plan's limits, shown under the route's own.
         let (limits, _) = route.limits_for(default_plan);
@@ -330,7 +340,7 @@ pub fn render(policy: &Policy, report: &Report, unparsed: &[(String, usize)]) ->
     for (route, tally) in policy.routes.iter().zip(&report.routes) {
         let _ = writeln!(
             out,
-            "route {}: {} requests, {} admitted, {} rejected{}{}",
+            "route {}: {} requests, {} admitted, {} rejected{}{}{}",
             route.name,
             tally.requests,
             tally.admitted,
@@ -342,6 +352,14 @@ pub fn render(policy: &Policy, report: &Report, unparsed: &[(String, usize)]) ->
             },
             if tally.bypassed > 0 {
                 format!(", {} bypassed", tally.bypassed)
+            } else {
+                String::new()
+            },
+            if tally.unknown_consumer > 0 {
+                format!(
+                    ", {} refused as unknown consumers (401)",
+                    tally.unknown_consumer
+                )
             } else {
                 String::new()
             },

@@ -313,28 +313,18 @@ pub async fn explain(
             None => writeln!(out, "consumer: no key presented (plan {plan})"),
         };
     }
-    if route.deny.matches(client, &who) {
-        let _ = writeln!(
-            out,
-            "denied: the route's deny list names this client: 403, not forwarded"
-        );
-        return out;
-    }
-    if route.bypass.matches(client, &who) {
-        let _ = writeln!(
-            out,
-            "bypassed: the route's bypass list names this client: forwarded, not counted"
-        );
-        return out;
-    }
-    if route.needs_consumer
-        && consumer.is_none()
-        && policy
-            .consumers
-            .as_ref()
-            .is_some_and(|c| c.unknown == crate::consumers::Unknown::Reject)
-    {
-        let _ = writeln!(out, "unknown consumer: 401, not forwarded");
+    let refused = match route.access(client, &who, policy.consumers.as_ref()) {
+        crate::policy::Admission::Denied => {
+            Some("denied: the route's deny list names this client: 403, not forwarded")
+        }
+        crate::policy::Admission::Bypassed => {
+            Some("bypassed: the route's bypass list names this client: forwarded, not counted")
+        }
+        crate::policy::Admission::UnknownConsumer => Some("unknown consumer: 401, not forwarded"),
+        crate::policy::Admission::Limited => None,
+    };
+    if let Some(line) = refused {
+        let _ = writeln!(out, "{line}");
         return out;
     }
     let (limits, _) = route.limits_for(who.plan);

@@ -11,16 +11,8 @@ use http::HeaderValue;
 use http::header::HeaderName;
 
 use super::raw::{RawConsumers, RawConsumersFile, S};
-use super::validate::Validator;
+use super::validate::{Validator, valid_name};
 use crate::consumers::{Consumer, Consumers, KeyFrom, PlanId, Unknown, parse_hash};
-
-/// A consumer or plan name: letters, digits, `-`, `_`, `.`.
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
 
 /// The `[consumers]` table and the file it names; also the file's path and content hash for
 /// the reload watcher.

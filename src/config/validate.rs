@@ -101,6 +101,14 @@ impl<'a> Validator<'a> {
     }
 }
 
+/// A route, consumer or plan name: letters, digits, `-`, `_`, `.`, at least one.
+pub(super) fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// 1-based line and column (in characters) of a byte offset.
 pub fn line_column(source: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(source.len());
@@ -667,11 +675,7 @@ fn routes(
     for r in raw {
         let r = r.get_ref();
         let name = r.name.get_ref().clone();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
+        if !valid_name(&name) {
             v.error(
                 r.name.span(),
                 format!("invalid route name \"{name}\"; expected letters, digits, '-', '_' or '.'"),
