@@ -105,6 +105,7 @@ fn hot(c: &mut Criterion) {
 
     let decision = Decision {
         admitted: true,
+        receipts: Vec::new(),
         outcomes: vec![
             limiter::algorithm::Outcome {
                 allowed: true,

@@ -42,3 +42,20 @@ local function fixed_window_refund(key, receipt, _quota, _window, _unused, cost)
   if n < 0 then n = 0 end
   redis.call('SET', key, string.format('%d:%d', receipt, n), 'KEEPTTL')
 end
+
+-- Counts `cost` units more than were reserved in the current window, even past the quota (a
+-- debt the rest of the window waits out).
+local function fixed_window_charge(key, now, _quota, window, _unused, cost)
+  local index = math.floor(now / window)
+  local count = 0
+  local v = redis.call('GET', key)
+  if v then
+    local i, n = string.match(v, '^(%d+):(%d+)$')
+    if tonumber(i) >= index then
+      index = tonumber(i)
+      count = tonumber(n)
+    end
+  end
+  redis.call('SET', key, string.format('%d:%d', index, count + cost),
+    'PX', ttl_ms((index + 1) * window - now))
+end

@@ -21,8 +21,8 @@ local function gcra_state(v, interval)
   return tonumber(t), tonumber(i)
 end
 
-local function gcra(key, now, burst, interval, _, cost)
-  local tolerance = burst * interval
+-- The TAT in the limit's interval: cells used under another interval carry over (see above).
+local function gcra_tat(key, now, tolerance, interval)
   local tat = now
   local v = redis.call('GET', key)
   if v then
@@ -34,16 +34,35 @@ local function gcra(key, now, burst, interval, _, cost)
       tat = now + used
     end
   end
+  return tat
+end
+
+local function gcra(key, now, burst, interval, _, cost, _peek, delay)
+  local tolerance = burst * interval
+  local tat = gcra_tat(key, now, tolerance, interval)
   local start = tat
   if now > start then start = now end
   local nxt = start + cost * interval
-  if nxt - now <= tolerance then
-    return 1, math.floor((tolerance - (nxt - now)) / interval), nxt - now, 0, 0,
+  if nxt - now <= tolerance + delay then
+    -- within `delay` past the tolerance: held until the cells conform
+    local held = nxt - now - tolerance
+    if held < 0 then held = 0 end
+    local room = tolerance - (nxt - now)
+    if room < 0 then room = 0 end
+    return 1, math.floor(room / interval), nxt - now, held, 0,
       string.format('%d:%d', nxt, interval), nxt - now
   end
   local room = tolerance - (start - now)
   if room < 0 then room = 0 end
   return 0, math.floor(room / interval), start - now, nxt - now - tolerance, 0
+end
+
+-- Moves the TAT on by `cost` cells more than were reserved, even past the tolerance (a debt).
+local function gcra_charge(key, now, burst, interval, _unused, cost)
+  local tat = gcra_tat(key, now, burst * interval, interval)
+  if now > tat then tat = now end
+  tat = tat + cost * interval
+  redis.call('SET', key, string.format('%d:%d', tat, interval), 'PX', ttl_ms(tat - now))
 end
 
 -- Moves the TAT back by the cells an admission took, in the interval the TAT is counted in.

@@ -6,14 +6,17 @@
 -- script's KEYS, ARGV and reply.
 --
 -- Every algorithm is a function
---   check(key, now, p1, p2, p3, cost, peek)
+--   check(key, now, p1, p2, p3, cost, peek, delay)
 --     -> allowed 1|0, remaining, reset us, retry_after us, receipt, state, ttl us
 -- that reads its key and returns what admitting `cost` would do, and, when allowed, the new
 -- state (a string) and how long it must live. decide.lua writes the states only when every
 -- enforced limit allowed, through the algorithm's commit: set_state below (one SET ... PX:
 -- state and TTL in one command, so nothing is ever written without its TTL), or for the sliding
 -- log (a sorted set, whose `state` is the first timestamp to add) sliding_log_commit.
--- A refund function per algorithm gives back what a commit took (see refund.lua).
+-- A refund function per algorithm gives back what a commit took (see refund.lua), and a charge
+-- function adds units past a reservation (a debt; see settle.lua). `delay` (token_bucket and
+-- gcra) admits a request that would be admitted within that many us, with the wait as its
+-- retry_after: the request is held, its slot taken ahead of time.
 --
 -- Arithmetic: every number is an integer below 2^53 (tollgate validates the bounds), so Lua's
 -- doubles hold it exactly and redis.call converts it to a string without loss. Never use
@@ -42,4 +45,23 @@ end
 -- The commit of every algorithm whose state is a string: the state and its TTL in one command.
 local function set_state(key, state, _cost, ttl_us)
   redis.call('SET', key, state, 'PX', ttl_ms(ttl_us))
+end
+
+-- The charge of the algorithms that take no `cost_from` (validation refuses it for them).
+local function no_charge() end
+
+-- Bans (`ban` on a limit): a string "<until us>" under the limit's key + ":ban" (the same hash
+-- tag, so the same cluster slot), living until then. While it lives, the limit rejects with
+-- what is left of it as retry_after and reset.
+local function banned(key, now)
+  local v = redis.call('GET', key .. ':ban')
+  if v then
+    local left = tonumber(v) - now
+    if left > 0 then return left end
+  end
+  return nil
+end
+
+local function ban(key, now, ban_us)
+  redis.call('SET', key .. ':ban', string.format('%d', now + ban_us), 'PX', ttl_ms(ban_us))
 end

@@ -91,3 +91,21 @@ local function sliding_window_refund(key, receipt, _quota, _window, _unused, cos
   end
   redis.call('SET', key, string.format('%d:%d:%d', index, c, p), 'KEEPTTL')
 end
+
+-- Counts `cost` units more than were reserved in the current window, even past the quota.
+local function sliding_window_charge(key, now, _quota, window, _unused, cost)
+  local index = math.floor(now / window)
+  local current, previous = 0, 0
+  local v = redis.call('GET', key)
+  if v then
+    local i, c, p = string.match(v, '^(%d+):(%d+):(%d+)$')
+    local stored = tonumber(i)
+    if stored >= index then
+      index, current, previous = stored, tonumber(c), tonumber(p)
+    elseif stored == index - 1 then
+      previous = tonumber(c)
+    end
+  end
+  redis.call('SET', key, string.format('%d:%d:%d', index, current + cost, previous),
+    'PX', ttl_ms((index + 2) * window - now))
+end

@@ -35,7 +35,9 @@ local function token_bucket_refilled(level, elapsed, capacity, refill)
   return level + elapsed * refill
 end
 
-local function token_bucket(key, now, burst, refill, unit, cost)
+-- The level at base = max(now, the state's time), in the limit's units: a state written under
+-- other parameters is refilled to base under them, then its tokens carry over (see above).
+local function token_bucket_level(key, now, burst, refill, unit)
   local capacity = burst * unit
   local level, last = capacity, now
   local v = redis.call('GET', key)
@@ -57,16 +59,52 @@ local function token_bucket(key, now, burst, refill, unit, cost)
       last = base
     end
   end
-  level = token_bucket_refilled(level, base - last, capacity, refill)
+  return token_bucket_refilled(level, base - last, capacity, refill), base
+end
+
+local function token_bucket(key, now, burst, refill, unit, cost, _peek, delay)
+  local capacity = burst * unit
+  local level, base = token_bucket_level(key, now, burst, refill, unit)
   local need = cost * unit
+  -- A state ahead of now (a debt, a held request, a clock that stepped back) counts from its
+  -- own time: every wait is measured from now.
+  local ahead = base - now
   if level >= need then
     local after = level - need
-    local reset = math.ceil((capacity - after) / refill)
+    local reset = ahead + math.ceil((capacity - after) / refill)
     return 1, math.floor(after / unit), reset, 0, 0,
-      string.format('%d:%d:%d:%d:%d', after, base, burst, refill, unit), base + reset - now
+      string.format('%d:%d:%d:%d:%d', after, base, burst, refill, unit), reset
   end
-  return 0, math.floor(level / unit), math.ceil((capacity - level) / refill),
-    math.ceil((need - level) / refill), 0
+  local wait = math.ceil((need - level) / refill)
+  if ahead + wait <= delay then
+    -- held: at base + wait the bucket holds enough; the tokens are taken then
+    local after = level + wait * refill - need
+    local reset = ahead + wait + math.ceil((capacity - after) / refill)
+    return 1, 0, reset, ahead + wait, 0,
+      string.format('%d:%d:%d:%d:%d', after, base + wait, burst, refill, unit), reset
+  end
+  return 0, math.floor(level / unit), ahead + math.ceil((capacity - level) / refill),
+    ahead + wait, 0
+end
+
+-- Takes `cost` tokens more than were reserved, even past empty: the debt moves the state's time
+-- ahead by the us the refill needs to pay it back (what rounding up adds is kept as level).
+-- In the limit's parameters, as a check converts them.
+local function token_bucket_charge(key, now, burst, refill, unit, cost)
+  local have, base = token_bucket_level(key, now, burst, refill, unit)
+  local need = cost * unit
+  local level, last
+  if have >= need then
+    level, last = have - need, base
+  else
+    local wait = math.ceil((need - have) / refill)
+    level, last = have + wait * refill - need, base + wait
+  end
+  local missing = burst * unit - level
+  if missing < 0 then missing = 0 end
+  local full_at = last + math.ceil(missing / refill)
+  redis.call('SET', key, string.format('%d:%d:%d:%d:%d', level, last, burst, refill, unit),
+    'PX', ttl_ms(full_at - now))
 end
 
 -- Puts `cost` tokens back (never above the burst), in the units the state is counted in.

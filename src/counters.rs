@@ -219,6 +219,7 @@ pub async fn read(rt: &Runtime, route: &Route, identity: &Identity) -> Result<Va
         Decision {
             admitted: true,
             outcomes: Vec::new(),
+            receipts: Vec::new(),
         }
     } else {
         rt.limiter.peek(&items).await?

@@ -17,6 +17,8 @@
 //! - [`response`]: 429 / 503 / 404 / 502 / 504 / 413 / 400 as problem+json, rate-limit headers.
 //! - [`proxy`]: forwarding — hop-by-hop headers, `X-Forwarded-*`, `Via`, streaming, upgrades —
 //!   over [`upstream`]'s keep-alive connection pools, the request [`body`] streamed as it comes.
+//! - [`settle`]: what the response settles (`count`, `cost_from`, concurrency slots, held
+//!   requests), at its head or at the end of its body.
 //! - [`metrics`] and [`logging`]: recorded once per request at the end of the pipeline.
 //!
 //! Around them: [`config`] parses and validates proxy.toml into a typed [`policy::Policy`];
@@ -52,6 +54,7 @@ pub mod report;
 pub mod response;
 pub mod route;
 pub mod server;
+pub mod settle;
 pub mod timeouts;
 pub mod tls;
 pub mod upstream;

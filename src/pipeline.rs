@@ -7,7 +7,8 @@
 //! records metrics and the access log once, from the final response.
 
 use std::net::IpAddr;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
@@ -27,6 +28,7 @@ use crate::policy::{Admission, OnStoreError, Route};
 use crate::proxy::{self, ProxyError};
 use crate::response::{self, Body};
 use crate::route::RequestView;
+use crate::settle::{Pending, Settled};
 use crate::upstream::PooledBody;
 
 /// What the limiter (or an access rule before it) said about one request.
@@ -159,7 +161,7 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
 
 /// The phases of one request, in order, up to the upstream's response; any phase may exit.
 async fn phases<'r>(
-    rt: &'r Runtime,
+    rt: &'r Arc<Runtime>,
     conn: &ConnInfo,
     request: Request<Incoming>,
     trail: &mut Trail<'r>,
@@ -232,9 +234,25 @@ async fn phases<'r>(
         }
         Verdict::StoreFailed(OnStoreError::Deny) => Some(Exit::StoreDown),
     };
+    // Reservations the response settles (count, cost_from, concurrency, held requests).
+    let (mut pending, hold) = match &verdict {
+        Verdict::Admitted(items, d) => {
+            let (limits, _) = route.limits_for(trail.plan);
+            (Pending::new(rt, limits, items, d), d.hold())
+        }
+        _ => (None, 0),
+    };
     trail.verdict = Some(verdict);
     if let Some(exit) = stop {
         return Err(exit);
+    }
+    if hold > 0 {
+        // A `delay` limit took this request's slot ahead of time: it waits for it here,
+        // holding no upstream connection; a client that leaves now gives the slot back.
+        tokio::time::sleep(Duration::from_micros(hold)).await;
+    }
+    if let Some(p) = pending.as_mut() {
+        p.forwarded();
     }
 
     let upstream_started = Instant::now();
@@ -245,7 +263,20 @@ async fn phases<'r>(
         .upstream_duration
         .observe(elapsed.as_secs_f64());
     access.upstream = Some(elapsed);
-    let response = forwarded.map_err(Exit::Upstream)?;
+    let response = match forwarded {
+        Ok(response) => response,
+        Err(e) => {
+            if let Some(p) = pending.as_mut() {
+                p.at_head(upstream_error_status(&e), &HeaderMap::new())
+                    .await;
+            }
+            return Err(Exit::Upstream(e));
+        }
+    };
+    if let Some(p) = pending.as_mut() {
+        p.at_head(response.status().as_u16(), response.headers())
+            .await;
+    }
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         // What follows on this connection is not HTTP/1 any more.
         conn.ambiguous.switched();
@@ -254,7 +285,18 @@ async fn phases<'r>(
     let pace = (version != http::Version::HTTP_2)
         .then(|| conn.writes.clone())
         .flatten();
-    Ok(response.map(|b| Either::Left(b.paced_by(pace))))
+    Ok(response.map(|b| Either::Left(Settled::new(b.paced_by(pace), pending))))
+}
+
+/// The status tollgate answers a failed forward with (what a `count` limit sees).
+fn upstream_error_status(e: &ProxyError) -> u16 {
+    match e {
+        ProxyError::Connect(_) | ProxyError::Upstream(..) => 502,
+        ProxyError::Timeout(..) => 504,
+        ProxyError::BodyTooLarge(_) => 413,
+        ProxyError::BodyIdle => 408,
+        ProxyError::BadRequestBody(_) => 400,
+    }
 }
 
 /// One host for routing and forwarding: a request target or `:authority` with a host wins

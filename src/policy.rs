@@ -442,6 +442,66 @@ pub struct Limit {
     /// `q` and `w` of RateLimit-Policy.
     pub quota: u64,
     pub window_secs: u64,
+    /// What the response settles (`count`, `cost_from`; a concurrency slot is released).
+    pub settle: Settlement,
+    /// `ban`, µs (0: none).
+    pub ban: u64,
+    /// `delay`, µs (0: never held).
+    pub delay: u64,
+}
+
+/// What happens to a limit's reservation when the response comes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Every response counts: the reservation stands.
+    Stands,
+    /// `count`: only the listed statuses count; the others are given back.
+    Count(StatusSet),
+    /// `cost_from`: settled to what the response reports.
+    CostFrom(CostFrom),
+    /// A concurrency slot: released when the response ends.
+    Release,
+}
+
+/// Where a response reports its cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CostFrom {
+    /// An integer in the upstream's response header.
+    Header(HeaderName),
+}
+
+/// `count = ["401", "4xx", ...]`: statuses and classes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusSet {
+    /// Bit N: the class Nxx is listed.
+    classes: u8,
+    codes: Vec<u16>,
+}
+
+impl StatusSet {
+    /// Adds `"401"` or `"4xx"`; false when the text is neither.
+    pub fn add(&mut self, text: &str) -> bool {
+        let b = text.as_bytes();
+        match b {
+            [c @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
+                self.classes |= 1 << (c - b'0');
+                true
+            }
+            _ => match text.parse::<u16>() {
+                Ok(code) if (100..=599).contains(&code) && text.len() == 3 => {
+                    self.codes.push(code);
+                    true
+                }
+                _ => false,
+            },
+        }
+    }
+
+    /// Whether a response with `status` counts.
+    pub fn counts(&self, status: u16) -> bool {
+        let class = status / 100;
+        (class < 8 && self.classes & (1 << class) != 0) || self.codes.contains(&status)
+    }
 }
 
 #[cfg(test)]

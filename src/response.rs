@@ -11,7 +11,7 @@ use crate::limiter::{Decision, Item};
 use crate::policy::{HeaderStyle, Limit, Mode, Rejection};
 
 /// Responses carry either the upstream's streamed body or one of ours, built whole.
-pub type Body = Either<crate::upstream::PooledBody, Full<Bytes>>;
+pub type Body = Either<crate::settle::Settled, Full<Bytes>>;
 
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -237,6 +237,8 @@ fn closest<'a>(
     limits
         .iter()
         .zip(items.iter().zip(&decision.outcomes))
+        // Requests in flight are not a rate: a concurrency limit is not in the headers.
+        .filter(|(limit, _)| limit.settle != crate::policy::Settlement::Release)
         .map(|(limit, (_, o)): (&Limit, (&Item, &Outcome))| {
             let remaining = if o.allowed { o.remaining } else { 0 };
             (limit, remaining, ceil_secs(o.reset))
@@ -337,6 +339,8 @@ mod tests {
                 id: l.id,
                 tag: [0; 16],
                 batch: 0,
+                ban: 0,
+                delay: 0,
             })
             .collect()
     }
@@ -376,6 +380,7 @@ mod tests {
         let items = items(r);
         let d = Decision {
             admitted: true,
+            receipts: Vec::new(),
             outcomes: vec![
                 outcome(true, 97, 300_000, 0),
                 outcome(true, 9_990, 5_000_000_000, 0),
@@ -390,6 +395,7 @@ mod tests {
         // Ties on remaining go to the sooner reset.
         let d = Decision {
             admitted: true,
+            receipts: Vec::new(),
             outcomes: vec![
                 outcome(true, 5, 9_000_000, 0),
                 outcome(true, 5, 2_000_000, 0),
@@ -402,6 +408,7 @@ mod tests {
         // A denying limit shows r=0 even when some units remain (cost larger than them).
         let d = Decision {
             admitted: false,
+            receipts: Vec::new(),
             outcomes: vec![
                 outcome(true, 50, 1, 0),
                 outcome(false, 3, 4_000_000, 4_000_000),
@@ -430,6 +437,7 @@ mod tests {
         for (us, secs) in [(1, 1), (999_999, 1), (1_000_000, 1), (1_000_001, 2), (0, 1)] {
             let d = Decision {
                 admitted: false,
+                receipts: Vec::new(),
                 outcomes: vec![outcome(false, 0, us, us)],
             };
             assert_eq!(retry_after_secs(&items, &d), secs, "{us}");
@@ -446,6 +454,7 @@ mod tests {
         let one = items(&p.routes[0]);
         let d = Decision {
             admitted: true,
+            receipts: Vec::new(),
             outcomes: vec![outcome(false, 0, 1, 1)],
         };
         let mut h = HeaderMap::new();
@@ -466,6 +475,7 @@ mod tests {
         let both = items(&p.routes[0]);
         let d = Decision {
             admitted: true,
+            receipts: Vec::new(),
             outcomes: vec![outcome(false, 0, 1, 1), outcome(true, 8, 1, 0)],
         };
         let mut h = HeaderMap::new();

@@ -35,7 +35,7 @@ use proptest::test_runner::{FileFailurePersistence, TestCaseError};
 use tokio::runtime::Runtime;
 use tollgate::identity::Tag;
 use tollgate::limiter::algorithm::{Algorithm, Kind, Micros, Outcome, Rolled, State};
-use tollgate::limiter::{Decision, Item, Store, wall_clock};
+use tollgate::limiter::{Decision, Item, Settle, Store, wall_clock};
 use tollgate::policy::{RedisNodes, RedisSettings, Secret, StoreSettings};
 
 use common::Redis;
@@ -65,9 +65,32 @@ const ROUND_WINDOWS: [Micros; 11] = [
 #[derive(Default)]
 struct Model {
     states: HashMap<(u64, Tag), State>,
+    /// Bans: until when (µs) each (limit, identity) is refused.
+    bans: HashMap<(u64, Tag), Micros>,
 }
 
 impl Model {
+    /// A settlement after the response: what was not used given back, an excess charged.
+    fn settle(&mut self, settles: &[Settle], now: Micros) {
+        for s in settles {
+            let (item, reserved) = (&s.item, s.item.cost);
+            let key = (item.id, item.tag);
+            if s.cost < reserved {
+                if let Some(state) = self.states.get_mut(&key)
+                    && item.algorithm.owns(state)
+                {
+                    item.algorithm.refund(state, s.receipt, reserved - s.cost);
+                }
+            } else if s.cost > reserved {
+                let state = self
+                    .states
+                    .entry(key)
+                    .or_insert_with(|| item.algorithm.fresh(now));
+                item.algorithm.charge(state, now, s.cost - reserved);
+            }
+        }
+    }
+
     fn decide(&mut self, items: &[Item], now: Micros) -> Decision {
         let fresh: Vec<State> = items.iter().map(|item| item.algorithm.fresh(now)).collect();
         let (outcomes, rolled): (Vec<Outcome>, Vec<Rolled>) = items
@@ -78,9 +101,30 @@ impl Model {
                     Some(state) if item.algorithm.owns(state) => state,
                     _ => fresh,
                 };
-                item.algorithm.check(state, now, item.cost)
+                let ban = self.bans.get(&(item.id, item.tag)).copied();
+                match ban.filter(|&until| item.ban > 0 && until > now) {
+                    Some(until) => (
+                        Outcome {
+                            allowed: false,
+                            remaining: 0,
+                            reset: until - now,
+                            retry_after: until - now,
+                        },
+                        Rolled::Nothing,
+                    ),
+                    None => {
+                        let (mut o, r) =
+                            item.algorithm.check_held(state, now, item.cost, item.delay);
+                        if !o.allowed && item.ban > 0 && !item.shadow {
+                            self.bans.insert((item.id, item.tag), now + item.ban);
+                            (o.reset, o.retry_after) = (item.ban, item.ban);
+                        }
+                        (o, r)
+                    }
+                }
             })
             .unzip();
+        let receipts: Vec<u64> = rolled.iter().map(Rolled::receipt).collect();
         let admitted = items
             .iter()
             .zip(&outcomes)
@@ -102,7 +146,11 @@ impl Model {
                 rolled.tidy(state);
             }
         }
-        Decision { admitted, outcomes }
+        Decision {
+            admitted,
+            outcomes,
+            receipts,
+        }
     }
 }
 
@@ -208,7 +256,8 @@ impl Trio<'_> {
         let model = self.model.decide(items, now);
         for (name, peek) in peeks {
             match peek {
-                Ok(p) if p == model => {}
+                // A peek takes nothing: its receipts are not compared.
+                Ok(p) if (p.admitted, &p.outcomes) == (model.admitted, &model.outcomes) => {}
                 Ok(p) => {
                     return Err(format!(
                         "  model: {}
@@ -233,14 +282,36 @@ impl Trio<'_> {
         if memory == model && redis == model {
             return Ok(model);
         }
-        let mark = |d: &Decision| if *d == model { "  " } else { "≠ " };
+        self.mismatch(&model, &memory, &redis)
+    }
+
+    /// Settles with all three (then the next decisions show whether they agree).
+    async fn settle(&mut self, settles: &[Settle], now: Micros) -> Result<(), String> {
+        self.model.settle(settles, now);
+        self.memory
+            .settle(settles, Some(now))
+            .await
+            .map_err(|e| format!("memory settle failed: {e}"))?;
+        self.redis
+            .settle(settles, Some(now))
+            .await
+            .map_err(|e| format!("redis settle failed: {e}"))
+    }
+
+    fn mismatch(
+        &self,
+        model: &Decision,
+        memory: &Decision,
+        redis: &Decision,
+    ) -> Result<Decision, String> {
+        let mark = |d: &Decision| if d == model { "  " } else { "≠ " };
         Err(format!(
             "  model:  {}\n{}memory: {}\n{}redis:  {}",
-            show(&model),
-            mark(&memory),
-            show(&memory),
-            mark(&redis),
-            show(&redis)
+            show(model),
+            mark(memory),
+            show(memory),
+            mark(redis),
+            show(redis)
         ))
     }
 }
@@ -259,7 +330,12 @@ fn show(d: &Decision) -> String {
             )
         })
         .collect();
-    format!("admitted {} [{}]", d.admitted, outcomes.join("; "))
+    format!(
+        "admitted {} [{}] receipts {:?}",
+        d.admitted,
+        outcomes.join("; "),
+        d.receipts
+    )
 }
 
 fn show_items(items: &[Item]) -> String {
@@ -272,8 +348,8 @@ fn show_items(items: &[Item]) -> String {
                 i.cost,
                 i.id,
                 i.tag[0],
-                if i.shadow { ", shadow" } else { "" }
-            )
+                if i.shadow { ", shadow" } else { "" },
+            ) + &format!(" ban {} delay {}", i.ban, i.delay)
         })
         .collect();
     items.join(", ")
@@ -293,6 +369,8 @@ fn item(algorithm: Algorithm, cost: u64) -> Item {
         id: 1,
         tag: tag(0),
         batch: 0,
+        ban: 0,
+        delay: 0,
     }
 }
 
@@ -312,6 +390,10 @@ fn gcd(a: u64, b: u64) -> u64 {
 struct Limit {
     algorithm: Algorithm,
     shadow: bool,
+    /// µs (0: none); never on a shadow limit (validation refuses it).
+    ban: Micros,
+    /// µs (0: none); token_bucket and gcra only.
+    delay: Micros,
 }
 
 /// New parameters for a limit, as a reload that keeps its counters may give it: the same
@@ -351,10 +433,13 @@ impl Reload {
                 burst: quota,
                 interval: self.interval,
             },
+            Algorithm::Concurrency { lease, .. } => Algorithm::Concurrency { max: quota, lease },
         };
         Limit {
             algorithm,
             shadow: self.shadow,
+            ban: if self.shadow { 0 } else { limit.ban },
+            delay: limit.delay,
         }
     }
 }
@@ -366,6 +451,15 @@ enum Action {
     Reload {
         limit: usize,
         to: Reload,
+    },
+    /// The response of an earlier admitted request (the `back`-th most recent one not yet
+    /// settled) settles its limits: each to `percent` % of its reservation (0: given back,
+    /// as `count` does for an unlisted status and a concurrency slot on release; above 100:
+    /// a debt, for the algorithms `cost_from` takes).
+    Settle {
+        dt: Micros,
+        back: usize,
+        percent: u64,
     },
 }
 
@@ -405,6 +499,8 @@ impl Case {
                     id: i as u64 + 1,
                     tag: tag(step.who),
                     batch: 0,
+                    ban: limit.ban,
+                    delay: limit.delay,
                 }
             })
             .collect()
@@ -416,6 +512,8 @@ impl Case {
         backends.runtime.block_on(async {
             let mut now = start;
             let mut limits = self.limits.clone();
+            // Admitted requests whose response has not come yet: their settlements.
+            let mut open: Vec<Vec<Settle>> = Vec::new();
             for (n, action) in self.steps.iter().enumerate() {
                 let step = match action {
                     Action::Request(step) => step,
@@ -423,19 +521,62 @@ impl Case {
                         limits[*limit] = to.apply(limits[*limit]);
                         continue;
                     }
+                    Action::Settle { dt, back, percent } => {
+                        now += dt;
+                        if open.is_empty() {
+                            continue;
+                        }
+                        let reserved = open.remove(open.len() - 1 - back % open.len());
+                        let settles: Vec<Settle> = reserved
+                            .into_iter()
+                            .map(|s| Settle {
+                                cost: settled_cost(&s.item, *percent),
+                                ..s
+                            })
+                            .collect();
+                        trio.settle(&settles, now).await.map_err(|e| {
+                            format!("step {n} (settle) at start + {} µs: {e}", now - start)
+                        })?;
+                        continue;
+                    }
                 };
                 now += step.dt;
                 let items = self.items(&limits, step);
-                trio.decide(&items, now).await.map_err(|e| {
+                let decision = trio.decide(&items, now).await.map_err(|e| {
                     format!(
                         "step {n} at start + {} µs (absolute {now}): {}\n{e}",
                         now - start,
                         show_items(&items)
                     )
                 })?;
+                if decision.admitted {
+                    let settles = items
+                        .iter()
+                        .zip(&decision.outcomes)
+                        .zip(&decision.receipts)
+                        .filter(|((item, o), _)| o.allowed && !item.shadow)
+                        .map(|((item, _), &receipt)| Settle {
+                            item: *item,
+                            receipt,
+                            cost: item.cost,
+                        })
+                        .collect();
+                    open.push(settles);
+                }
             }
             Ok(())
         })
+    }
+}
+
+/// What a settlement at `percent` % of the reservation comes to for `item`: a sliding log is
+/// only given back (it takes no `cost_from`), a concurrency slot released.
+fn settled_cost(item: &Item, percent: u64) -> u64 {
+    let cost = item.cost * percent / 100;
+    match item.algorithm.kind() {
+        Kind::SlidingLog => cost.min(item.cost),
+        Kind::Concurrency => 0,
+        _ => cost,
     }
 }
 
@@ -508,6 +649,9 @@ fn strategy(kind: Kind) -> BoxedStrategy<Algorithm> {
         Kind::SlidingWindow => sliding_window(),
         Kind::TokenBucket => token_bucket(),
         Kind::Gcra => gcra(),
+        Kind::Concurrency => (1..=4u64, window())
+            .prop_map(|(max, lease)| Algorithm::Concurrency { max, lease })
+            .boxed(),
     }
 }
 
@@ -544,6 +688,11 @@ enum RawAction {
         limit: Index,
         to: Reload,
     },
+    Settle {
+        dt: Micros,
+        back: usize,
+        percent: u64,
+    },
 }
 
 /// `pool` limits drawn from `algorithms` (each shadow with probability `shadow`), up to three
@@ -554,8 +703,21 @@ fn case(
     per_request: usize,
     shadow: f64,
 ) -> impl Strategy<Value = Case> {
-    let limit = (algorithms, prop::bool::weighted(shadow))
-        .prop_map(|(algorithm, shadow)| Limit { algorithm, shadow });
+    // One limit in four has a ban; one held limit in two has a delay.
+    let ban = prop_oneof![3 => Just(0u64), 1 => 1..3 * SEC];
+    let delay = prop_oneof![1 => Just(0u64), 1 => 1..2 * SEC];
+    let limit = (algorithms, prop::bool::weighted(shadow), ban, delay).prop_map(
+        |(algorithm, shadow, ban, delay)| Limit {
+            algorithm,
+            shadow,
+            ban: if shadow { 0 } else { ban },
+            delay: if algorithm.kind().takes_delay() {
+                delay
+            } else {
+                0
+            },
+        },
+    );
     let step = (dt(), 0..3u8, any::<Index>(), cost());
     let reload = (
         quota(),
@@ -571,10 +733,13 @@ fn case(
             interval,
             shadow,
         });
-    // A request, or (one step in eight) a reload of one limit.
+    let percent = prop_oneof![2 => Just(0u64), 1 => Just(50), 1 => Just(100), 2 => 101..=300u64];
+    // A request, a reload of one limit, or the response of an earlier request settling it.
     let action = prop_oneof![
         7 => step.prop_map(|(dt, who, set, cost)| RawAction::Request { dt, who, set, cost }),
         1 => (any::<Index>(), reload).prop_map(|(limit, to)| RawAction::Reload { limit, to }),
+        3 => (dt(), 0..4usize, percent)
+            .prop_map(|(dt, back, percent)| RawAction::Settle { dt, back, percent }),
     ];
     (
         0..10 * SEC,
@@ -612,6 +777,7 @@ fn case(
                         limit: limit.index(limits.len()),
                         to,
                     },
+                    RawAction::Settle { dt, back, percent } => Action::Settle { dt, back, percent },
                 })
                 .collect();
             Case {
@@ -665,6 +831,11 @@ fn token_bucket_stores_agree_with_the_model() {
 #[test]
 fn gcra_stores_agree_with_the_model() {
     agree_on_random_cases(case(gcra(), 3, 2, 0.2), 96);
+}
+
+#[test]
+fn concurrency_stores_agree_with_the_model() {
+    agree_on_random_cases(case(strategy(Kind::Concurrency), 3, 2, 0.2), 96);
 }
 
 /// Requests facing several algorithms at once, some limits in shadow mode: all-or-nothing.

@@ -1295,6 +1295,8 @@ async fn a_hundred_thousand_identities_per_algorithm_keep_redis_memory_bounded()
                 id: 7,
                 tag,
                 batch: 0,
+                ban: 0,
+                delay: 0,
             }
         };
         // Loads the script without writing a key.

@@ -173,11 +173,22 @@ pub struct RawLimit {
     /// A string or a list of strings; checked by validation.
     pub by: Option<S<toml::Value>>,
     pub algorithm: S<String>,
-    pub rate: S<String>,
+    /// Required but for `concurrency` (which takes `max`).
+    pub rate: Option<S<String>>,
     pub burst: Option<S<i64>>,
     pub cost: Option<S<i64>>,
     pub mode: Option<S<String>>,
     pub batch: Option<S<i64>>,
+    /// `concurrency`: requests in flight at most.
+    pub max: Option<S<i64>>,
+    /// Statuses (`"401"`) or classes (`"4xx"`) that count; the others are given back.
+    pub count: Option<S<Vec<S<String>>>>,
+    /// With `cost_from`: what admission reserves (default `cost`).
+    pub reserve: Option<S<i64>>,
+    /// `header:NAME` or `openai:FIELD`: the cost the response reports.
+    pub cost_from: Option<S<String>>,
+    pub ban: Option<S<String>>,
+    pub delay: Option<S<String>>,
     /// Per plan: `"unlimited"` or `{ rate, burst }`; checked by validation.
     pub plans: Option<S<BTreeMap<String, S<toml::Value>>>>,
 }

@@ -136,10 +136,10 @@ limits = [ { by = ["ip", "header:x-tenant"], algorithm = "gcra", rate = "50/s", 
 }
 
 #[test]
-fn unknown_algorithm_lists_all_five() {
+fn unknown_algorithm_lists_all_six() {
     assert_eq!(
         limit_error(r#"{ by = "ip", algorithm = "token-bucket", rate = "5/min" }"#),
-        "9:28: unknown algorithm \"token-bucket\"; expected one of fixed_window, sliding_log, sliding_window, token_bucket, gcra"
+        "9:28: unknown algorithm \"token-bucket\"; expected one of fixed_window, sliding_log, sliding_window, token_bucket, gcra, concurrency"
     );
 }
 

@@ -733,6 +733,7 @@ fn routes(
             };
             let context = LimitContext {
                 route_name: &name,
+                upstream_timeout: upstream.timeout,
                 consumers,
                 consumers_failed,
             };
@@ -1235,6 +1236,10 @@ fn shape(
                 interval,
             }
         }
+        Kind::Concurrency => {
+            v.error(rate_span, "concurrency takes `max`, not `rate`");
+            return None;
+        }
     };
     if cost > quota {
         let what = if takes_burst { "burst" } else { "rate" };
@@ -1292,6 +1297,8 @@ pub(super) enum PlanRule {
 /// What a limit's validation needs to know of its route and of `[consumers]`.
 struct LimitContext<'a> {
     route_name: &'a str,
+    /// The route's upstream `timeout`: a concurrency slot lives that long plus 10 s.
+    upstream_timeout: Duration,
     consumers: Option<&'a Consumers>,
     /// `[consumers]` is there but invalid (its errors are reported already).
     consumers_failed: bool,
@@ -1346,15 +1353,79 @@ fn limit(
             1
         }
     };
-    let cost_at = (cost, l.cost.as_ref().map_or(raw.span(), |c| c.span()));
-    let base = shape(
-        v,
-        kind,
-        &l.rate,
-        l.burst.as_ref(),
-        cost_at.clone(),
-        l.batch.as_ref(),
-    );
+    let reserve = match &l.reserve {
+        None => None,
+        Some(r) if l.cost_from.is_none() => {
+            v.error(
+                r.span(),
+                "`reserve` goes with `cost_from`: it is what admission takes before the response reports the cost",
+            );
+            None
+        }
+        Some(r) if *r.get_ref() >= 1 => Some(*r.get_ref() as u64),
+        Some(r) => {
+            v.error(
+                r.span(),
+                format!(
+                    "invalid reserve {}; expected a whole number of at least 1",
+                    r.get_ref()
+                ),
+            );
+            None
+        }
+    };
+    // What admission takes: `reserve` when the response settles the cost, else `cost`.
+    let cost = reserve.unwrap_or(cost);
+    let cost_at = match &l.reserve {
+        Some(r) if reserve.is_some() => (cost, r.span()),
+        _ => (cost, l.cost.as_ref().map_or(raw.span(), |c| c.span())),
+    };
+    let base = if kind == Kind::Concurrency {
+        concurrency_shape(v, raw, context.upstream_timeout)
+    } else {
+        match &l.rate {
+            Some(rate) => shape(
+                v,
+                kind,
+                rate,
+                l.burst.as_ref(),
+                cost_at.clone(),
+                l.batch.as_ref(),
+            ),
+            None => {
+                v.error(
+                    l.algorithm.span(),
+                    format!("a {} limit needs `rate` (\"N/unit\")", kind.name()),
+                );
+                None
+            }
+        }
+    };
+    let settle = settlement(v, l, kind);
+    let ban = limit_duration(v, &l.ban, "ban");
+    let delay = limit_duration(v, &l.delay, "delay");
+    if let (Some(d), false) = (&l.delay, kind.takes_delay()) {
+        v.error(
+            d.span(),
+            format!(
+                "`delay` is taken by token_bucket and gcra only, not {}",
+                kind.name()
+            ),
+        );
+    }
+    if let (Some(b), Mode::Shadow) = (&l.ban, mode) {
+        v.error(
+            b.span(),
+            "`ban` on a shadow limit would never start: a shadow limit never rejects",
+        );
+    }
+    let responsive = settle != Settlement::Stands || ban > 0 || delay > 0;
+    if let (Some(b), true) = (&l.batch, responsive) {
+        v.error(
+            b.span(),
+            "`batch` (approximate mode, decided locally) cannot be combined with count, cost_from, concurrency, ban or delay, which need the store's exact answer",
+        );
+    }
     let spec = spec?;
     let key = match keys.iter().position(|k| *k == spec) {
         Some(i) => i,
@@ -1379,7 +1450,10 @@ fn limit(
     let limit = Limit {
         name: policy_name,
         algorithm: base.algorithm,
-        rate_text: l.rate.get_ref().clone(),
+        rate_text: l
+            .rate
+            .as_ref()
+            .map_or_else(|| format!("max {}", base.quota), |r| r.get_ref().clone()),
         key,
         cost,
         mode,
@@ -1387,6 +1461,9 @@ fn limit(
         batch: base.batch,
         quota: base.quota,
         window_secs: base.window_secs,
+        settle,
+        ban,
+        delay,
     };
     let rules = rules?
         .into_iter()
@@ -1404,6 +1481,148 @@ fn limit(
         })
         .collect();
     Some((limit, rules))
+}
+
+/// A concurrency limit: `max` requests in flight, each slot freeing itself after the
+/// upstream's timeout plus 10 s. It takes nothing else.
+fn concurrency_shape(v: &mut Validator, raw: &S<RawLimit>, timeout: Duration) -> Option<Shape> {
+    let l = raw.get_ref();
+    let refused = [
+        ("rate", l.rate.as_ref().map(S::span)),
+        ("burst", l.burst.as_ref().map(S::span)),
+        ("cost", l.cost.as_ref().map(S::span)),
+        ("batch", l.batch.as_ref().map(S::span)),
+        ("reserve", l.reserve.as_ref().map(S::span)),
+        ("cost_from", l.cost_from.as_ref().map(S::span)),
+        ("count", l.count.as_ref().map(S::span)),
+        ("plans", l.plans.as_ref().map(S::span)),
+    ];
+    let mut ok = true;
+    for (key, span) in refused {
+        if let Some(span) = span {
+            v.error(
+                span,
+                format!("`{key}` is not taken by concurrency, which takes `max` (requests in flight at most)"),
+            );
+            ok = false;
+        }
+    }
+    let max = match &l.max {
+        None => {
+            v.error(
+                raw.span(),
+                "a concurrency limit needs `max` (requests in flight at most)",
+            );
+            return None;
+        }
+        Some(m) if (1..=units::MAX_COUNT as i64).contains(m.get_ref()) => *m.get_ref() as u64,
+        Some(m) => {
+            v.error(
+                m.span(),
+                format!(
+                    "invalid max {}; expected a whole number from 1 to {}",
+                    m.get_ref(),
+                    units::MAX_COUNT
+                ),
+            );
+            return None;
+        }
+    };
+    let lease = (timeout + Duration::from_secs(10)).as_micros() as u64;
+    ok.then_some(Shape {
+        algorithm: Algorithm::Concurrency { max, lease },
+        quota: max,
+        window_secs: 1,
+        period_us: 0,
+        batch: 0,
+    })
+}
+
+/// `count` or `cost_from` (one of them at most), or a concurrency slot's release.
+fn settlement(v: &mut Validator, l: &RawLimit, kind: Kind) -> Settlement {
+    if kind == Kind::Concurrency {
+        return Settlement::Release;
+    }
+    if let (Some(_), Some(from)) = (&l.count, &l.cost_from) {
+        v.error(
+            from.span(),
+            "`count` and `cost_from` cannot be combined: a response either counts or reports its cost",
+        );
+        return Settlement::Stands;
+    }
+    if let Some(list) = &l.count {
+        let mut set = StatusSet::default();
+        if list.get_ref().is_empty() {
+            v.error(
+                list.span(),
+                "`count` lists no status; list statuses (\"401\") or classes (\"4xx\"), or leave it out to count every response",
+            );
+        }
+        for entry in list.get_ref() {
+            if !set.add(entry.get_ref()) {
+                v.error(
+                    entry.span(),
+                    format!(
+                        "invalid status \"{}\" in `count`; expected a status from 100 to 599 (\"401\") or a class (\"4xx\")",
+                        entry.get_ref()
+                    ),
+                );
+            }
+        }
+        return Settlement::Count(set);
+    }
+    let Some(from) = &l.cost_from else {
+        return Settlement::Stands;
+    };
+    if !kind.takes_cost_from() {
+        v.error(
+            from.span(),
+            format!("`cost_from` is taken by fixed_window, sliding_window, token_bucket and gcra (which can hold a debt), not {}", kind.name()),
+        );
+        return Settlement::Stands;
+    }
+    match cost_from(from.get_ref()) {
+        Ok(source) => Settlement::CostFrom(source),
+        Err(message) => {
+            v.error(from.span(), message);
+            Settlement::Stands
+        }
+    }
+}
+
+/// `header:NAME` or `openai:FIELD`.
+fn cost_from(text: &str) -> Result<CostFrom, String> {
+    if let Some(name) = text.strip_prefix("header:") {
+        return HeaderName::from_bytes(name.as_bytes())
+            .map(CostFrom::Header)
+            .map_err(|_| format!("invalid header name \"{name}\" in cost_from"));
+    }
+    Err(format!(
+        "invalid cost_from \"{text}\"; expected \"header:NAME\" (an integer the upstream sends in a response header)"
+    ))
+}
+
+/// `ban` or `delay`: a duration longer than zero and at most a year, in µs (0 when absent).
+fn limit_duration(v: &mut Validator, value: &Option<S<String>>, what: &str) -> u64 {
+    const YEAR: Duration = Duration::from_secs(366 * 24 * 3600);
+    let Some(raw) = value else { return 0 };
+    match units::parse_duration(raw.get_ref()) {
+        Ok(d) if !d.is_zero() && d <= YEAR => d.as_micros() as u64,
+        Ok(_) => {
+            v.error(
+                raw.span(),
+                format!(
+                    "invalid {what} \"{}\"; expected more than zero and at most a year",
+                    raw.get_ref()
+                ),
+            );
+            0
+        }
+        Err(message) => {
+            v.error(raw.span(), message);
+            0
+        }
+    }
 }
 
 enum RawRule {
@@ -1536,6 +1755,7 @@ fn limit_id(
 fn policy_header(limits: &[Limit]) -> Option<HeaderValue> {
     let items: Vec<String> = limits
         .iter()
+        .filter(|l| l.settle != Settlement::Release)
         .map(|l| format!("\"{}\";q={};w={}", l.name, l.quota, l.window_secs))
         .collect();
     if items.is_empty() {

@@ -11,7 +11,7 @@
 //! every limit of the request allowed. A request not admitted writes nothing but the sliding
 //! log's trim ([`Rolled::tidy`]), so no store copies a state to restore it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 /// Microseconds since the Unix epoch.
 pub type Micros = u64;
@@ -19,6 +19,10 @@ pub type Micros = u64;
 /// Extra time every stored state lives past the moment it becomes equivalent to a fresh one, so
 /// that a store's expiry never races a decision that still needs the state.
 pub const TTL_SLACK: Micros = 1_000_000;
+
+/// A concurrency limit's Retry-After: a slot frees when some request ends, which nobody can
+/// tell in advance.
+pub const CONCURRENCY_RETRY: Micros = 1_000_000;
 
 /// Every algorithm tollgate has, in the contract's order: the one table that validation, the
 /// `check` summaries, the key hints, the Lua scripts (their order, dispatch codes and commit
@@ -32,16 +36,18 @@ pub enum Kind {
     SlidingWindow,
     TokenBucket,
     Gcra,
+    Concurrency,
 }
 
 impl Kind {
     /// All of them, in the contract's order (also the order of the scripts' dispatch tables).
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::FixedWindow,
         Kind::SlidingLog,
         Kind::SlidingWindow,
         Kind::TokenBucket,
         Kind::Gcra,
+        Kind::Concurrency,
     ];
 
     /// The name in `algorithm = "..."`, in counter identities, and of the Lua functions
@@ -53,6 +59,7 @@ impl Kind {
             Kind::SlidingWindow => "sliding_window",
             Kind::TokenBucket => "token_bucket",
             Kind::Gcra => "gcra",
+            Kind::Concurrency => "concurrency",
         }
     }
 
@@ -60,8 +67,27 @@ impl Kind {
     pub const fn takes_burst(self) -> bool {
         match self {
             Kind::TokenBucket | Kind::Gcra => true,
-            Kind::FixedWindow | Kind::SlidingLog | Kind::SlidingWindow => false,
+            Kind::FixedWindow | Kind::SlidingLog | Kind::SlidingWindow | Kind::Concurrency => false,
         }
+    }
+
+    /// Whether the limit takes `rate` (a concurrency limit takes `max` instead).
+    pub const fn takes_rate(self) -> bool {
+        !matches!(self, Kind::Concurrency)
+    }
+
+    /// Whether a limit can be settled to a cost the response reports (`cost_from`): the
+    /// algorithms that count units in a number, which can also hold a debt.
+    pub const fn takes_cost_from(self) -> bool {
+        matches!(
+            self,
+            Kind::FixedWindow | Kind::SlidingWindow | Kind::TokenBucket | Kind::Gcra
+        )
+    }
+
+    /// Whether the limit can hold a request for its slot (`delay`).
+    pub const fn takes_delay(self) -> bool {
+        matches!(self, Kind::TokenBucket | Kind::Gcra)
     }
 
     /// The algorithm's Lua file, which defines `NAME` and `NAME_refund` (see `lua/prelude.lua`).
@@ -72,6 +98,7 @@ impl Kind {
             Kind::SlidingWindow => include_str!("../../lua/sliding_window.lua"),
             Kind::TokenBucket => include_str!("../../lua/token_bucket.lua"),
             Kind::Gcra => include_str!("../../lua/gcra.lua"),
+            Kind::Concurrency => include_str!("../../lua/concurrency.lua"),
         }
     }
 
@@ -80,7 +107,20 @@ impl Kind {
     pub const fn lua_commit(self) -> &'static str {
         match self {
             Kind::SlidingLog => "sliding_log_commit",
+            Kind::Concurrency => "concurrency_commit",
             Kind::FixedWindow | Kind::SlidingWindow | Kind::TokenBucket | Kind::Gcra => "set_state",
+        }
+    }
+
+    /// The Lua function that charges units past a reservation (settle.lua): `NAME_charge`, or
+    /// `no_charge` (prelude.lua) for the algorithms `cost_from` does not take.
+    pub const fn lua_charge(self) -> &'static str {
+        match self {
+            Kind::FixedWindow => "fixed_window_charge",
+            Kind::SlidingWindow => "sliding_window_charge",
+            Kind::TokenBucket => "token_bucket_charge",
+            Kind::Gcra => "gcra_charge",
+            Kind::SlidingLog | Kind::Concurrency => "no_charge",
         }
     }
 
@@ -115,6 +155,9 @@ pub enum Algorithm {
     TokenBucket { burst: u64, refill: u64, unit: u64 },
     /// Generic cell rate: emission interval `interval` µs, `burst` back-to-back cells.
     Gcra { burst: u64, interval: Micros },
+    /// At most `max` requests in flight; a slot not released within `lease` µs (a replica that
+    /// died) frees itself.
+    Concurrency { max: u64, lease: Micros },
 }
 
 /// What one limit keeps between requests.
@@ -143,6 +186,10 @@ pub enum State {
     /// GCRA: the theoretical arrival time of the next cell, with the emission interval of the
     /// limit that wrote it (a reload that changes N changes the interval).
     Tat { tat: Micros, interval: Micros },
+    /// Concurrency: the slots taken, by member (a unique number: the time it was taken,
+    /// made unique per key as the sliding log's stamps are), each with the time it frees
+    /// itself.
+    Slots(BTreeMap<Micros, Micros>),
 }
 
 /// What a limit says about one request.
@@ -153,7 +200,8 @@ pub struct Outcome {
     pub remaining: u64,
     /// µs until the limit's whole quota is available again.
     pub reset: Micros,
-    /// µs until this request could be admitted; 0 when allowed.
+    /// µs until this request could be admitted, when rejected. When allowed: 0, or the µs
+    /// the request is held before it is forwarded (a limit with `delay`).
     pub retry_after: Micros,
 }
 
@@ -174,9 +222,28 @@ pub enum Rolled {
         first: Micros,
         cost: u64,
     },
+    /// Concurrency: forget the slots that freed themselves by `now`, then take `member` until
+    /// `until`.
+    Slot {
+        now: Micros,
+        member: Micros,
+        until: Micros,
+    },
 }
 
 impl Rolled {
+    /// What identifies the units an admission takes, for giving them back (the same number
+    /// each Lua check returns as its receipt): the window of the window algorithms, the first
+    /// stamp of the sliding log, the member of a concurrency slot, 0 for the others.
+    pub fn receipt(&self) -> u64 {
+        match self {
+            Rolled::State(State::Window { index, .. } | State::TwoWindows { index, .. }) => *index,
+            Rolled::Log { first, .. } => *first,
+            Rolled::Slot { member, .. } => *member,
+            Rolled::Nothing | Rolled::State(_) => 0,
+        }
+    }
+
     /// Applies an admitted request to the state it was checked against (or, for a key that
     /// was absent, expired or of another algorithm, to anything: the state is replaced).
     pub fn commit(self, state: &mut State) {
@@ -196,6 +263,15 @@ impl Rolled {
                     log.extend(first..first + cost);
                 }
             }
+            Rolled::Slot { now, member, until } => {
+                if !matches!(state, State::Slots(_)) {
+                    *state = State::Slots(BTreeMap::new());
+                }
+                if let State::Slots(slots) = state {
+                    slots.retain(|_, &mut t| t > now);
+                    slots.insert(member, until);
+                }
+            }
         }
     }
 
@@ -203,9 +279,54 @@ impl Rolled {
     /// forgets the stamps that left its window (as the script's ZREMRANGEBYSCORE does, which
     /// shows once a clock steps back); every other state stays as it was.
     pub fn tidy(self, state: &mut State) {
-        if let (Rolled::Log { expired, .. }, State::Log(log)) = (self, state) {
-            log.drain(..expired.min(log.len()));
+        match (self, state) {
+            (Rolled::Log { expired, .. }, State::Log(log)) => {
+                log.drain(..expired.min(log.len()));
+            }
+            (Rolled::Slot { now, .. }, State::Slots(slots)) => slots.retain(|_, &mut t| t > now),
+            _ => {}
         }
+    }
+}
+
+/// A token bucket's level at `base` = max(now, its time), in the units of the limit's
+/// parameters `(burst, refill, unit)`. A state written under other parameters (a reload changed
+/// N or burst) is first brought to `base` under the parameters that wrote it, as its TTL was
+/// (the store cannot know when the reload happened); then its tokens carry over (rounded
+/// down), at most the new burst. A bucket that was full is full (as an expired key would be).
+fn bucket_at(
+    (burst, refill, unit): (u64, u64, u64),
+    (level, last, was_burst, was_refill, was_unit): (u64, Micros, u64, u64, u64),
+    now: Micros,
+) -> (u64, Micros) {
+    let capacity = burst * unit;
+    let base = now.max(last);
+    let (level, last) = if (was_burst, was_refill, was_unit) != (burst, refill, unit) {
+        let was_capacity = was_burst * was_unit;
+        let then = refilled(level, base - last, was_capacity, was_refill);
+        let level = if then >= was_capacity {
+            capacity
+        } else if was_unit == unit {
+            then.min(capacity)
+        } else {
+            lua_mul_div_floor(then, unit, was_unit).min(capacity)
+        };
+        (level, base)
+    } else {
+        (level, last)
+    };
+    (refilled(level, base - last, capacity, refill), base)
+}
+
+/// A GCRA's TAT in the limit's `interval`. One written under another N moved at the old rate
+/// until now; what it still holds is a number of cells used, which carries over (rounded up,
+/// in doubles as Lua computes it), at most a whole burst (`tolerance`).
+fn tat_at(tolerance: Micros, interval: Micros, tat: Micros, was: Micros, now: Micros) -> Micros {
+    if was != interval && tat > now {
+        let used = lua_mul_div_ceil(tat - now, interval, was);
+        now + used.min(tolerance)
+    } else {
+        tat
     }
 }
 
@@ -245,6 +366,7 @@ impl Algorithm {
             Algorithm::SlidingWindow { .. } => Kind::SlidingWindow,
             Algorithm::TokenBucket { .. } => Kind::TokenBucket,
             Algorithm::Gcra { .. } => Kind::Gcra,
+            Algorithm::Concurrency { .. } => Kind::Concurrency,
         }
     }
 
@@ -273,6 +395,7 @@ impl Algorithm {
                 unit,
             },
             Algorithm::Gcra { interval, .. } => State::Tat { tat: now, interval },
+            Algorithm::Concurrency { .. } => State::Slots(BTreeMap::new()),
         }
     }
 
@@ -286,6 +409,7 @@ impl Algorithm {
                 | (Algorithm::SlidingLog { .. }, State::Log(_))
                 | (Algorithm::TokenBucket { .. }, State::Bucket { .. })
                 | (Algorithm::Gcra { .. }, State::Tat { .. })
+                | (Algorithm::Concurrency { .. }, State::Slots(_))
         )
     }
 
@@ -296,6 +420,20 @@ impl Algorithm {
     /// [`Rolled::tidy`], which keeps the state as it was but for the sliding log's trim — as the
     /// Lua scripts write a state only on admission (what matters when a clock steps back).
     pub fn check(&self, state: &State, now: Micros, cost: u64) -> (Outcome, Rolled) {
+        self.check_held(state, now, cost, 0)
+    }
+
+    /// [`Algorithm::check`] for a limit with `delay`: a token bucket or GCRA request that
+    /// would be admitted within `delay` µs is admitted now, its slot taken ahead of time, with
+    /// the wait in its outcome's `retry_after` (the pipeline holds it that long). The other
+    /// algorithms ignore `delay`.
+    pub fn check_held(
+        &self,
+        state: &State,
+        now: Micros,
+        cost: u64,
+        delay: Micros,
+    ) -> (Outcome, Rolled) {
         match (*self, state) {
             (Algorithm::FixedWindow { quota, window }, &State::Window { index, count }) => {
                 // A clock that stepped back keeps counting in the newest window seen.
@@ -462,34 +600,21 @@ impl Algorithm {
                 },
             ) => {
                 let capacity = burst * unit;
-                let base = now.max(last);
-                let (level, last) = if (was_burst, was_refill, was_unit) != (burst, refill, unit) {
-                    // Written under other parameters (a reload changed N or burst). The store
-                    // cannot know when the reload happened, so the state is first brought to
-                    // `base` under the parameters that wrote it, as its TTL was; then its tokens
-                    // carry over (rounded down), at most the new burst. A bucket that was full
-                    // is full (as an expired key would be).
-                    let was_capacity = was_burst * was_unit;
-                    let then = refilled(level, base - last, was_capacity, was_refill);
-                    let level = if then >= was_capacity {
-                        capacity
-                    } else if was_unit == unit {
-                        then.min(capacity)
-                    } else {
-                        lua_mul_div_floor(then, unit, was_unit).min(capacity)
-                    };
-                    (level, base)
-                } else {
-                    (level, last)
-                };
-                let level = refilled(level, base - last, capacity, refill);
+                let (level, base) = bucket_at(
+                    (burst, refill, unit),
+                    (level, last, was_burst, was_refill, was_unit),
+                    now,
+                );
                 let need = cost * unit;
+                // A state ahead of now (a debt, a held request, a clock that stepped back)
+                // counts from its own time: every wait is measured from now.
+                let ahead = base - now;
                 if level >= need {
                     let after = level - need;
                     let outcome = Outcome {
                         allowed: true,
                         remaining: after / unit,
-                        reset: div_ceil(capacity - after, refill),
+                        reset: ahead + div_ceil(capacity - after, refill),
                         retry_after: 0,
                     };
                     let rolled = State::Bucket {
@@ -499,16 +624,35 @@ impl Algorithm {
                         refill,
                         unit,
                     };
-                    (outcome, Rolled::State(rolled))
-                } else {
-                    let outcome = Outcome {
-                        allowed: false,
-                        remaining: level / unit,
-                        reset: div_ceil(capacity - level, refill),
-                        retry_after: div_ceil(need - level, refill),
-                    };
-                    (outcome, Rolled::Nothing)
+                    return (outcome, Rolled::State(rolled));
                 }
+                let wait = div_ceil(need - level, refill);
+                if ahead + wait <= delay {
+                    // Held: at `base + wait` the bucket holds enough; the tokens are taken
+                    // then, and the state's time moves there.
+                    let after = level + wait * refill - need;
+                    let outcome = Outcome {
+                        allowed: true,
+                        remaining: 0,
+                        reset: ahead + wait + div_ceil(capacity - after, refill),
+                        retry_after: ahead + wait,
+                    };
+                    let rolled = State::Bucket {
+                        level: after,
+                        last: base + wait,
+                        burst,
+                        refill,
+                        unit,
+                    };
+                    return (outcome, Rolled::State(rolled));
+                }
+                let outcome = Outcome {
+                    allowed: false,
+                    remaining: level / unit,
+                    reset: ahead + div_ceil(capacity - level, refill),
+                    retry_after: ahead + wait,
+                };
+                (outcome, Rolled::Nothing)
             }
             (
                 Algorithm::Gcra { burst, interval },
@@ -518,23 +662,17 @@ impl Algorithm {
                 },
             ) => {
                 let tolerance = burst * interval;
-                let tat = if was_interval != interval && tat > now {
-                    // Written under another N. The TAT moved at the old rate until now; what it
-                    // still holds is a number of cells used, which carries over (rounded up, in
-                    // doubles as Lua computes it), at most a whole burst.
-                    let used = lua_mul_div_ceil(tat - now, interval, was_interval);
-                    now + used.min(tolerance)
-                } else {
-                    tat
-                };
+                let tat = tat_at(tolerance, interval, tat, was_interval, now);
                 let start = tat.max(now);
                 let next = start + cost * interval;
-                if next - now <= tolerance {
+                if next - now <= tolerance + delay {
+                    // Within `delay` past the tolerance: held until the cells conform.
+                    let held = (next - now).saturating_sub(tolerance);
                     let outcome = Outcome {
                         allowed: true,
-                        remaining: (tolerance - (next - now)) / interval,
+                        remaining: tolerance.saturating_sub(next - now) / interval,
                         reset: next - now,
-                        retry_after: 0,
+                        retry_after: held,
                     };
                     let rolled = State::Tat {
                         tat: next,
@@ -551,10 +689,42 @@ impl Algorithm {
                     (outcome, Rolled::Nothing)
                 }
             }
+            (Algorithm::Concurrency { max, lease }, State::Slots(slots)) => {
+                let live = |t: &Micros| *t > now;
+                let taken = slots.values().filter(|t| live(t)).count() as u64;
+                if taken < max {
+                    // A member no live slot has: the first free microsecond from now.
+                    let mut member = now;
+                    while slots.get(&member).is_some_and(live) {
+                        member += 1;
+                    }
+                    let outcome = Outcome {
+                        allowed: true,
+                        remaining: max - taken - 1,
+                        reset: 0,
+                        retry_after: 0,
+                    };
+                    let until = now + lease;
+                    (outcome, Rolled::Slot { now, member, until })
+                } else {
+                    let outcome = Outcome {
+                        allowed: false,
+                        remaining: 0,
+                        reset: 0,
+                        retry_after: CONCURRENCY_RETRY,
+                    };
+                    let trim = Rolled::Slot {
+                        now,
+                        member: 0,
+                        until: 0,
+                    };
+                    (outcome, trim)
+                }
+            }
             (alg, _) => {
                 // A state of another algorithm (the limit changed algorithm on reload): decide
                 // as on a fresh state (the commit replaces the foreign one).
-                alg.check(&alg.fresh(now), now, cost)
+                alg.check_held(&alg.fresh(now), now, cost, delay)
             }
         }
     }
@@ -584,6 +754,10 @@ impl Algorithm {
                 full_at.saturating_sub(now)
             }
             (Algorithm::Gcra { .. }, State::Tat { tat, .. }) => tat.saturating_sub(now),
+            (Algorithm::Concurrency { .. }, State::Slots(slots)) => slots
+                .values()
+                .max()
+                .map_or(0, |&until| until.saturating_sub(now)),
             _ => 0,
         }
     }
@@ -595,7 +769,120 @@ impl Algorithm {
             | Algorithm::SlidingWindow { quota, .. }
             | Algorithm::SlidingLog { quota, .. } => quota,
             Algorithm::TokenBucket { burst, .. } | Algorithm::Gcra { burst, .. } => burst,
+            Algorithm::Concurrency { max, .. } => max,
         }
+    }
+
+    /// Gives back `units` of what an admission with `receipt` took (its [`Rolled::receipt`]),
+    /// as each script's `NAME_refund` does: never more than the request took, nothing when
+    /// the window it was counted in has passed. The state's expiry stays as it was.
+    pub fn refund(&self, state: &mut State, receipt: u64, units: u64) {
+        match state {
+            State::Window { index, count } if *index == receipt => {
+                *count = count.saturating_sub(units);
+            }
+            State::TwoWindows {
+                index,
+                current,
+                previous,
+            } => {
+                if *index == receipt {
+                    *current = current.saturating_sub(units);
+                } else if *index == receipt + 1 {
+                    *previous = previous.saturating_sub(units);
+                }
+            }
+            State::Log(log) => log.retain(|t| !(receipt..receipt + units).contains(t)),
+            State::Bucket {
+                level, burst, unit, ..
+            } => *level = (*level + units * *unit).min(*burst * *unit),
+            State::Tat { tat, interval } => *tat = tat.saturating_sub(units * *interval),
+            State::Slots(slots) => {
+                slots.remove(&receipt);
+            }
+            State::Window { .. } => {}
+        }
+    }
+
+    /// Charges `units` more than were reserved, at `now`, even past the quota: a debt that
+    /// later requests wait out. Returns the state's new TTL in µs. The sliding log and the
+    /// concurrency slots take no such charge (`cost_from` is refused for them).
+    pub fn charge(&self, state: &mut State, now: Micros, units: u64) -> Micros {
+        if !self.owns(state) {
+            *state = self.fresh(now);
+        }
+        match (*self, &mut *state) {
+            (Algorithm::FixedWindow { window, .. }, State::Window { index, count }) => {
+                let current = (now / window).max(*index);
+                if current != *index {
+                    (*index, *count) = (current, 0);
+                }
+                *count += units;
+            }
+            (
+                Algorithm::SlidingWindow { window, .. },
+                State::TwoWindows {
+                    index,
+                    current,
+                    previous,
+                },
+            ) => {
+                let idx = (now / window).max(*index);
+                if idx == *index + 1 {
+                    (*previous, *current) = (*current, 0);
+                } else if idx > *index + 1 {
+                    (*previous, *current) = (0, 0);
+                }
+                *index = idx;
+                *current += units;
+            }
+            (
+                Algorithm::TokenBucket {
+                    burst,
+                    refill,
+                    unit,
+                },
+                &mut State::Bucket {
+                    level,
+                    last,
+                    burst: was_burst,
+                    refill: was_refill,
+                    unit: was_unit,
+                },
+            ) => {
+                // In the limit's parameters, as a check converts them.
+                let (have, base) = bucket_at(
+                    (burst, refill, unit),
+                    (level, last, was_burst, was_refill, was_unit),
+                    now,
+                );
+                let need = units * unit;
+                let (level, last) = if have >= need {
+                    (have - need, base)
+                } else {
+                    // The debt: the state's time moves ahead by the µs the refill needs to
+                    // pay it back (rounded up; what the rounding adds is kept as level).
+                    let wait = div_ceil(need - have, refill);
+                    (have + wait * refill - need, base + wait)
+                };
+                *state = State::Bucket {
+                    level,
+                    last,
+                    burst,
+                    refill,
+                    unit,
+                };
+            }
+            (Algorithm::Gcra { burst, interval }, &mut State::Tat { tat, interval: was }) => {
+                let tat = tat_at(burst * interval, interval, tat, was, now);
+                *state = State::Tat {
+                    tat: tat.max(now) + units * interval,
+                    interval,
+                };
+            }
+            _ => {}
+        }
+        self.ttl(state, now)
     }
 }
 
@@ -629,6 +916,12 @@ mod tests {
                 lua.contains(&format!("local function {name}_refund(")),
                 "{name}"
             );
+            let charge = kind.lua_charge();
+            assert!(
+                charge == "no_charge" || lua.contains(&format!("local function {charge}(")),
+                "{name}: {charge}"
+            );
+            assert_eq!(charge != "no_charge", kind.takes_cost_from(), "{name}");
             let commit = kind.lua_commit();
             assert!(
                 commit == "set_state" || lua.contains(&format!("local function {commit}(")),
@@ -638,7 +931,7 @@ mod tests {
         assert_eq!(Kind::from_name("token-bucket"), None);
         assert_eq!(
             Kind::names(),
-            "fixed_window, sliding_log, sliding_window, token_bucket, gcra"
+            "fixed_window, sliding_log, sliding_window, token_bucket, gcra, concurrency"
         );
     }
 

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::algorithm::Outcome;
+use super::algorithm::{Kind, Outcome};
 use super::shards::{Expires, Hashed, Shards};
 use super::{Decision, Item};
 
@@ -101,6 +101,7 @@ impl DenyCache {
         Some(Decision {
             admitted: false,
             outcomes,
+            receipts: Vec::new(),
         })
     }
 
@@ -119,7 +120,11 @@ impl DenyCache {
             return;
         }
         for (item, o) in items.iter().zip(&decision.outcomes) {
-            if item.shadow || o.allowed || o.retry_after == 0 {
+            // A concurrency slot frees whenever a request ends: never assumed taken.
+            let slots = item.algorithm.kind() == Kind::Concurrency;
+            // A limit with `delay` holds requests again once the wait fits in it.
+            let wait = o.retry_after.saturating_sub(item.delay);
+            if item.shadow || o.allowed || wait == 0 || slots {
                 continue;
             }
             if self.map.len() >= MAX_ENTRIES {
@@ -131,7 +136,7 @@ impl DenyCache {
             }
             let denial = Denial {
                 retry_at: asked + Duration::from_micros(o.retry_after),
-                until: asked + Duration::from_micros(o.retry_after).min(REASK),
+                until: asked + Duration::from_micros(wait).min(REASK),
                 reset_at: asked + Duration::from_micros(o.reset),
             };
             let key = Hashed::new(item.id, item.tag);
@@ -164,6 +169,8 @@ mod tests {
             id,
             tag: [id as u8; 16],
             batch: 0,
+            ban: 0,
+            delay: 0,
         }
     }
 
@@ -184,6 +191,7 @@ mod tests {
         assert!(cache.check(&items, t0).is_none());
         let d = Decision {
             admitted: false,
+            receipts: Vec::new(),
             outcomes: vec![
                 Outcome {
                     allowed: true,
@@ -221,11 +229,13 @@ mod tests {
         let d = Decision {
             admitted: true,
             outcomes: vec![denial(1_000_000)],
+            receipts: Vec::new(),
         };
         cache.remember(&items, &d, t0);
         let d = Decision {
             admitted: false,
             outcomes: vec![denial(1_000_000)],
+            receipts: Vec::new(),
         };
         cache.remember(&items, &d, t0);
         assert!(cache.is_empty());

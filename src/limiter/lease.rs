@@ -165,7 +165,10 @@ impl Leases {
             Algorithm::SlidingWindow { window, .. } | Algorithm::SlidingLog { window, .. } => {
                 Duration::from_micros(window)
             }
-            Algorithm::TokenBucket { .. } | Algorithm::Gcra { .. } => MAX_LEASE,
+            // Never leased (validation refuses `batch` with concurrency); a slot is not units.
+            Algorithm::TokenBucket { .. }
+            | Algorithm::Gcra { .. }
+            | Algorithm::Concurrency { .. } => MAX_LEASE,
         };
         let expires = asked + life.min(MAX_LEASE);
         let key = key(item);
@@ -222,6 +225,7 @@ impl Leases {
         Some(Decision {
             admitted: true,
             outcomes,
+            receipts: Vec::new(),
         })
     }
 
@@ -348,6 +352,8 @@ mod tests {
             id,
             tag: [id as u8; 16],
             batch: 10,
+            ban: 0,
+            delay: 0,
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::algorithm::{Micros, Outcome, Rolled, State, TTL_SLACK};
 use super::shards::{Expires, Hashed, Shards};
-use super::{Decision, Item, StoreError, wall_clock};
+use super::{Decision, Item, Settle, StoreError, wall_clock};
 
 const SHARDS: usize = 64;
 
@@ -25,8 +25,22 @@ impl Expires for Entry {
     }
 }
 
+/// A ban (`ban` on a limit): the identity is refused by that limit until then.
+struct Ban {
+    until: Micros,
+}
+
+impl Expires for Ban {
+    type Time = Micros;
+    fn live_at(&self, now: Micros) -> bool {
+        self.until > now
+    }
+}
+
 struct Inner {
     map: Shards<Entry>,
+    /// Bans by (limit id, identity), beside the states (prelude.lua's `banned`).
+    bans: Shards<Ban>,
     max_keys: AtomicUsize,
     /// The newest `now` any decision used: the sweeper never expires past it, so a caller that
     /// supplies its own times (tests) is not overtaken by the wall clock.
@@ -43,6 +57,7 @@ impl MemoryStore {
     pub fn new(max_keys: usize) -> MemoryStore {
         let inner = Arc::new(Inner {
             map: Shards::new(SHARDS),
+            bans: Shards::new(SHARDS),
             max_keys: AtomicUsize::new(max_keys),
             latest: AtomicU64::new(0),
         });
@@ -68,7 +83,8 @@ impl MemoryStore {
             .iter()
             .filter(|item| {
                 let key = Hashed::new(item.id, item.tag);
-                self.inner.map.lock(&key).remove(&key).is_some()
+                let banned = self.inner.bans.lock(&key).remove(&key).is_some();
+                self.inner.map.lock(&key).remove(&key).is_some() || banned
             })
             .count()
     }
@@ -88,7 +104,9 @@ impl MemoryStore {
     pub fn decide(&self, items: &[Item], now: Option<Micros>) -> Result<Decision, StoreError> {
         let now = now.unwrap_or_else(wall_clock);
         self.inner.latest.fetch_max(now, Ordering::Relaxed);
-        if let [item] = items {
+        if let [item] = items
+            && item.ban == 0
+        {
             return self.decide_one(item, now);
         }
         let keys: Vec<Hashed> = items.iter().map(|i| Hashed::new(i.id, i.tag)).collect();
@@ -98,24 +116,45 @@ impl MemoryStore {
         let mut rolled: Vec<(Rolled, bool)> = Vec::with_capacity(items.len());
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(items.len());
         let mut fresh = 0usize;
+        let mut bans_due = false;
         for (item, key) in items.iter().zip(&keys) {
-            let (outcome, next, live) = match locked.get(key) {
+            let banned = self.banned(item, key, now);
+            let (mut outcome, next, live) = match locked.get(key) {
                 Some(e) if e.expires_at > now && item.algorithm.owns(&e.state) => {
-                    let (o, r) = item.algorithm.check(&e.state, now, item.cost);
+                    let (o, r) = item
+                        .algorithm
+                        .check_held(&e.state, now, item.cost, item.delay);
                     (o, r, true)
                 }
                 _ => {
                     fresh += 1;
-                    let (o, r) = item
-                        .algorithm
-                        .check(&item.algorithm.fresh(now), now, item.cost);
+                    let (o, r) = item.algorithm.check_held(
+                        &item.algorithm.fresh(now),
+                        now,
+                        item.cost,
+                        item.delay,
+                    );
                     (o, r, false)
                 }
+            };
+            let next = match banned {
+                Some(banned) => {
+                    outcome = banned;
+                    Rolled::Nothing
+                }
+                None if !outcome.allowed && item.ban > 0 && !item.shadow => {
+                    // Rejected by a limit with a ban: the ban starts now and is the answer.
+                    bans_due = true;
+                    (outcome.reset, outcome.retry_after) = (item.ban, item.ban);
+                    next
+                }
+                None => next,
             };
             outcomes.push(outcome);
             rolled.push((next, live));
         }
-        let decision = Decision::from_outcomes(items, outcomes);
+        let mut decision = Decision::from_outcomes(items, outcomes);
+        decision.receipts = rolled.iter().map(|(r, _)| r.receipt()).collect();
         let full = decision.admitted && fresh > 0 && self.inner.map.len() + fresh > self.max_keys();
         for ((item, key), ((next, live), outcome)) in items
             .iter()
@@ -147,16 +186,94 @@ impl MemoryStore {
         if full {
             return Err(StoreError::Full(self.max_keys()));
         }
+        if bans_due {
+            self.ban_rejected(items, &keys, &decision, now);
+        }
         Ok(decision)
+    }
+
+    /// The outcome of an item whose identity a ban of its limit refuses at `now`.
+    fn banned(&self, item: &Item, key: &Hashed, now: Micros) -> Option<Outcome> {
+        if item.ban == 0 {
+            return None;
+        }
+        let bans = self.inner.bans.lock(key);
+        let left = bans.get(key)?.until.checked_sub(now).filter(|&l| l > 0)?;
+        Some(Outcome {
+            allowed: false,
+            remaining: 0,
+            reset: left,
+            retry_after: left,
+        })
+    }
+
+    /// Starts the bans of the limits that rejected (those whose outcome is a new ban: a
+    /// retry_after of exactly the ban, not one left from an earlier ban).
+    fn ban_rejected(&self, items: &[Item], keys: &[Hashed], decision: &Decision, now: Micros) {
+        for ((item, key), o) in items.iter().zip(keys).zip(&decision.outcomes) {
+            if item.ban == 0 || item.shadow || o.allowed {
+                continue;
+            }
+            let mut bans = self.inner.bans.lock(key);
+            if bans.get(key).is_none_or(|b| b.until <= now) {
+                bans.insert(
+                    *key,
+                    Ban {
+                        until: now + item.ban,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Brings admitted items to what their responses cost, as settle.lua does: a refund of
+    /// what was not used (nothing once the state expired), a charge past the quota for what
+    /// was used beyond the reservation.
+    pub fn settle(&self, settles: &[Settle], now: Option<Micros>) {
+        let now = now.unwrap_or_else(wall_clock);
+        self.inner.latest.fetch_max(now, Ordering::Relaxed);
+        for s in settles {
+            let (item, reserved) = (&s.item, s.item.cost);
+            if s.cost == reserved {
+                continue;
+            }
+            let key = Hashed::new(item.id, item.tag);
+            let mut shard = self.inner.map.lock(&key);
+            let live = shard
+                .get(&key)
+                .is_some_and(|e| e.expires_at > now && item.algorithm.owns(&e.state));
+            if s.cost < reserved {
+                if live && let Some(entry) = shard.get_mut(&key) {
+                    item.algorithm
+                        .refund(&mut entry.state, s.receipt, reserved - s.cost);
+                }
+                continue;
+            }
+            let entry = shard.get_or_insert_with(key, || Entry {
+                state: item.algorithm.fresh(now),
+                expires_at: 0,
+            });
+            if !live {
+                entry.state = item.algorithm.fresh(now);
+            }
+            let ttl = item
+                .algorithm
+                .charge(&mut entry.state, now, s.cost - reserved);
+            entry.expires_at = now + ttl + TTL_SLACK;
+        }
     }
 
     /// The common case, one limit: one shard, the state updated in place.
     fn decide_one(&self, item: &Item, now: Micros) -> Result<Decision, StoreError> {
         let key = Hashed::new(item.id, item.tag);
         let mut shard = self.inner.map.lock(&key);
+        let receipt;
         let outcome = match shard.get_mut(&key) {
             Some(entry) if entry.expires_at > now && item.algorithm.owns(&entry.state) => {
-                let (outcome, next) = item.algorithm.check(&entry.state, now, item.cost);
+                let (outcome, next) =
+                    item.algorithm
+                        .check_held(&entry.state, now, item.cost, item.delay);
+                receipt = next.receipt();
                 if outcome.allowed {
                     next.commit(&mut entry.state);
                     entry.expires_at = now + item.algorithm.ttl(&entry.state, now) + TTL_SLACK;
@@ -168,7 +285,10 @@ impl MemoryStore {
             found => {
                 let existed = found.is_some();
                 let mut state = item.algorithm.fresh(now);
-                let (outcome, next) = item.algorithm.check(&state, now, item.cost);
+                let (outcome, next) = item
+                    .algorithm
+                    .check_held(&state, now, item.cost, item.delay);
+                receipt = next.receipt();
                 if outcome.allowed {
                     if !existed && self.inner.map.len() >= self.max_keys() {
                         return Err(StoreError::Full(self.max_keys()));
@@ -184,10 +304,9 @@ impl MemoryStore {
             }
         };
         drop(shard);
-        Ok(Decision::from_outcomes(
-            std::slice::from_ref(item),
-            vec![outcome],
-        ))
+        let mut decision = Decision::from_outcomes(std::slice::from_ref(item), vec![outcome]);
+        decision.receipts = vec![receipt];
+        Ok(decision)
     }
 
     /// What [`MemoryStore::decide`] would answer, changing nothing.
@@ -197,16 +316,24 @@ impl MemoryStore {
             .iter()
             .map(|item| {
                 let key = Hashed::new(item.id, item.tag);
+                if let Some(banned) = self.banned(item, &key, now) {
+                    return banned;
+                }
                 let shard = self.inner.map.lock(&key);
-                match shard.get(&key) {
+                let (delay, cost) = (item.delay, item.cost);
+                let mut outcome = match shard.get(&key) {
                     Some(e) if e.expires_at > now && item.algorithm.owns(&e.state) => {
-                        item.algorithm.check(&e.state, now, item.cost).0
+                        item.algorithm.check_held(&e.state, now, cost, delay).0
                     }
                     _ => {
                         let fresh = item.algorithm.fresh(now);
-                        item.algorithm.check(&fresh, now, item.cost).0
+                        item.algorithm.check_held(&fresh, now, cost, delay).0
                     }
+                };
+                if !outcome.allowed && item.ban > 0 && !item.shadow {
+                    (outcome.reset, outcome.retry_after) = (item.ban, item.ban);
                 }
+                outcome
             })
             .collect();
         Decision::from_outcomes(items, outcomes)
@@ -222,6 +349,7 @@ impl Inner {
     /// Removes entries that expired by the wall clock, never past the newest decision's time.
     fn sweep(&self) -> usize {
         let cutoff = wall_clock().min(self.latest.load(Ordering::Relaxed));
+        self.bans.retain(cutoff);
         self.map.retain(cutoff)
     }
 }

@@ -46,6 +46,20 @@ pub struct Item {
     /// Approximate mode: take budget from the store this many units at a time (0: exact,
     /// every request decided by the store).
     pub batch: u64,
+    /// `ban`: µs a rejection by this limit refuses the identity for (0: no ban).
+    pub ban: Micros,
+    /// `delay`: µs a request may be held for its slot instead of rejected (0: never held).
+    pub delay: Micros,
+}
+
+/// One admitted item brought to what its response cost ([`Limiter::settle`]): `cost` units
+/// instead of the `item.cost` reserved at admission (0 gives the reservation back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settle {
+    pub item: Item,
+    /// What the store answered for the item at admission ([`Decision::receipts`]).
+    pub receipt: u64,
+    pub cost: u64,
 }
 
 /// A store's answer for one request.
@@ -55,6 +69,9 @@ pub struct Decision {
     pub admitted: bool,
     /// One per item, in order.
     pub outcomes: Vec<Outcome>,
+    /// What identifies the units each admitted item took (for settling it), in order; empty
+    /// for a decision the store did not make (the deny cache, a lease).
+    pub receipts: Vec<u64>,
 }
 
 impl Decision {
@@ -64,7 +81,25 @@ impl Decision {
             .iter()
             .zip(&outcomes)
             .all(|(item, o)| item.shadow || o.allowed);
-        Decision { admitted, outcomes }
+        Decision {
+            admitted,
+            outcomes,
+            receipts: Vec::new(),
+        }
+    }
+
+    /// How long an admitted request is held before it is forwarded (a limit with `delay`
+    /// admitted it ahead of its slot): the longest wait of its limits.
+    pub fn hold(&self) -> Micros {
+        if !self.admitted {
+            return 0;
+        }
+        self.outcomes
+            .iter()
+            .filter(|o| o.allowed)
+            .map(|o| o.retry_after)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Whether a shadow limit would have rejected this request.
@@ -111,6 +146,9 @@ impl StoreError {
 }
 
 /// The two backends. An enum, not a trait object: there are two and both are known.
+// One store per policy, behind an Arc: its size is never copied, and boxing the Redis side
+// would add a pointer hop to every decision.
+#[allow(clippy::large_enum_variant)]
 pub enum Store {
     Memory(memory::MemoryStore),
     Redis(redis::RedisStore),
@@ -146,6 +184,17 @@ impl Store {
         match self {
             Store::Memory(m) => Ok(m.peek(items, now)),
             Store::Redis(r) => r.decide(items, now, true).await,
+        }
+    }
+
+    /// Settles admitted items to what their responses cost (see [`Settle`]).
+    pub async fn settle(&self, settles: &[Settle], now: Option<Micros>) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.settle(settles, now);
+                Ok(())
+            }
+            Store::Redis(r) => r.settle(settles, now).await,
         }
     }
 
@@ -256,6 +305,33 @@ impl Limiter {
             .inc();
     }
 
+    /// Settles admitted items after their responses, in one store call (per cluster slot),
+    /// bounded by the store timeout. What is given back also leaves this replica's deny cache.
+    /// A failure leaves the reservations as they are (never an unbounded refund); it is
+    /// counted as `tollgate_store_errors_total{kind="settle"}`.
+    pub async fn settle(&self, settles: &[Settle]) {
+        if settles.iter().all(|s| s.cost == s.item.cost) {
+            return;
+        }
+        let refunded: Vec<Item> = settles
+            .iter()
+            .filter(|s| s.cost < s.item.cost)
+            .map(|s| s.item)
+            .collect();
+        self.denials.forget(&refunded);
+        let result = tokio::time::timeout(self.timeout, self.store.settle(settles, None)).await;
+        let error = match result {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(_) => StoreError::Timeout(self.timeout),
+        };
+        tracing::warn!(error = %error, "settling a request's limits failed; its reservations stand");
+        self.metrics
+            .errors
+            .get_or_create(&[("kind", "settle".to_string())])
+            .inc();
+    }
+
     /// Reads `items`' current budgets without changing anything (the store's answer, not the
     /// local layers': `GET /v1/counters`).
     pub async fn peek(&self, items: &[Item]) -> Result<Decision, StoreError> {
@@ -306,6 +382,8 @@ pub fn items_for(limits: &[Limit], keys: &[KeySpec], subject: &Subject<'_>) -> V
                 id: limit.id,
                 tag,
                 batch: limit.batch,
+                ban: limit.ban,
+                delay: limit.delay,
             }
         })
         .collect()

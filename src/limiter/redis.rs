@@ -35,7 +35,7 @@ use redis::{
 };
 
 use super::algorithm::{Algorithm, Kind, Micros, Outcome};
-use super::{Decision, Item, StoreError};
+use super::{Decision, Item, Settle, StoreError};
 use crate::identity::Tag;
 use crate::policy::{RedisNodes, RedisSettings};
 
@@ -56,10 +56,12 @@ fn with_algorithms(tail: &str) -> String {
     };
     script.push_str(&format!(
         "-- Indexed by algorithm code (tollgate's Kind::ALL order).\n\
-         local checks = {{ {} }}\nlocal commits = {{ {} }}\nlocal refunds = {{ {} }}\n",
+         local checks = {{ {} }}\nlocal commits = {{ {} }}\nlocal refunds = {{ {} }}\n\
+         local charges = {{ {} }}\n",
         table("", Kind::name),
         table("", Kind::lua_commit),
         table("_refund", Kind::name),
+        table("", Kind::lua_charge),
     ));
     script.push_str(tail);
     script
@@ -78,12 +80,17 @@ pub static SCRIPT: LazyLock<String> =
 pub static REFUND_SCRIPT: LazyLock<String> =
     LazyLock::new(|| with_algorithms(include_str!("../../lua/refund.lua")));
 
+/// The settlement script: after the response, one call gives back what a request did not use
+/// or charges what it used beyond its reservation (`count`, `cost_from`, concurrency slots).
+pub static SETTLE_SCRIPT: LazyLock<String> =
+    LazyLock::new(|| with_algorithms(include_str!("../../lua/settle.lua")));
+
 /// One script per algorithm for routes with a single limit (the common case), indexed by
 /// position in [`Kind::ALL`]: the same KEYS, ARGV and reply as [`SCRIPT`], a quarter less Lua
 /// work per call (measured with `INFO commandstats`: 6.5 us instead of 8.8 us for a token
 /// bucket). Each is the prelude, one algorithm's file, a line binding its check and commit,
 /// and `single.lua`.
-pub static SINGLE_SCRIPTS: LazyLock<[String; 5]> = LazyLock::new(|| {
+pub static SINGLE_SCRIPTS: LazyLock<[String; Kind::ALL.len()]> = LazyLock::new(|| {
     Kind::ALL.map(|kind| {
         format!(
             "{PRELUDE}{}local check, commit = {}, {}\n{}",
@@ -108,12 +115,13 @@ pub fn script_args(algorithm: &Algorithm) -> (u8, u64, u64, u64) {
             unit,
         } => (code, burst, refill, unit),
         Algorithm::Gcra { burst, interval } => (code, burst, interval, 0),
+        Algorithm::Concurrency { max, lease } => (code, max, lease, 0),
     }
 }
 
-/// One limit's six ARGV slots, as decide.lua and refund.lua read them: algorithm code, p1, p2,
-/// p3, cost, and a last value (decide: the shadow flag; refund: the receipt).
-fn push_limit(invocation: &mut redis::ScriptInvocation<'_>, item: &Item, last: i64) {
+/// One limit's ARGV slots for decide.lua (and single.lua): algorithm code, p1, p2, p3, cost,
+/// shadow flag, ban µs, delay µs.
+fn push_limit(invocation: &mut redis::ScriptInvocation<'_>, item: &Item) {
     let (code, p1, p2, p3) = script_args(&item.algorithm);
     invocation
         .arg(code)
@@ -121,7 +129,26 @@ fn push_limit(invocation: &mut redis::ScriptInvocation<'_>, item: &Item, last: i
         .arg(p2)
         .arg(p3)
         .arg(item.cost)
-        .arg(last);
+        .arg(u8::from(item.shadow))
+        .arg(item.ban)
+        .arg(item.delay);
+}
+
+/// One limit's six ARGV slots for refund.lua: algorithm code, p1, p2, p3, cost, receipt.
+fn push_refund(invocation: &mut redis::ScriptInvocation<'_>, item: &Item, receipt: u64) {
+    let (code, p1, p2, p3) = script_args(&item.algorithm);
+    invocation
+        .arg(code)
+        .arg(p1)
+        .arg(p2)
+        .arg(p3)
+        .arg(item.cost)
+        .arg(receipt);
+}
+
+/// The key of a limit's ban (prelude.lua's `banned`): its state key + `:ban`, in the same slot.
+fn ban_key(state_key: &str) -> String {
+    format!("{state_key}:ban")
 }
 
 /// `{prefix}:{identity}:{limit}`: the prefix first (so `SCAN MATCH prefix:*` finds every key),
@@ -240,6 +267,7 @@ pub struct RedisStore {
     decide: Script,
     single: Vec<Script>,
     refund: Script,
+    settle: Script,
     prefix: String,
 }
 
@@ -353,6 +381,7 @@ impl RedisStore {
             decide: Script::new(&SCRIPT),
             single: SINGLE_SCRIPTS.iter().map(|s| Script::new(s)).collect(),
             refund: Script::new(&REFUND_SCRIPT),
+            settle: Script::new(&SETTLE_SCRIPT),
             prefix: settings.prefix.clone(),
         })
     }
@@ -384,7 +413,7 @@ impl RedisStore {
                 {
                     broken.store(true, Ordering::Relaxed);
                 }
-                result.map(|(decision, _)| decision)
+                result
             }
             Backend::Cluster(conn) => self.decide_cluster(conn, items, now, peek).await,
         }
@@ -397,7 +426,7 @@ impl RedisStore {
         items: &[Item],
         now: Option<Micros>,
         peek: bool,
-    ) -> Result<(Decision, Vec<i64>), StoreError> {
+    ) -> Result<Decision, StoreError> {
         let script = match items {
             [one] => &self.single[usize::from(one.algorithm.kind().code()) - 1],
             _ => &self.decide,
@@ -412,7 +441,7 @@ impl RedisStore {
         };
         invocation.arg(if peek { "1" } else { "0" });
         for item in items {
-            push_limit(&mut invocation, item, i64::from(item.shadow));
+            push_limit(&mut invocation, item);
         }
         let reply: Vec<i64> = invocation.invoke_async(conn).await?;
         parse_reply(items, &reply)
@@ -435,7 +464,7 @@ impl RedisStore {
         }
         if groups.len() == 1 {
             let mut conn = conn.clone();
-            return self.call(&mut conn, items, now, peek).await.map(|(d, _)| d);
+            return self.call(&mut conn, items, now, peek).await;
         }
         let calls = groups.iter().map(|(_, members)| {
             let group: Vec<Item> = members.iter().map(|&i| items[i]).collect();
@@ -448,19 +477,21 @@ impl RedisStore {
         });
         let answers = join_all(calls).await;
         let mut outcomes = vec![None; items.len()];
-        let mut committed: Vec<(Vec<Item>, Vec<i64>)> = Vec::new();
+        let mut receipts = vec![0; items.len()];
+        let mut committed: Vec<(Vec<Item>, Vec<u64>)> = Vec::new();
         let mut first_error = None;
         for ((_, members), answer) in groups.iter().zip(answers) {
             match answer {
-                Ok((group, (decision, receipts))) => {
+                Ok((group, decision)) => {
                     for (k, &i) in members.iter().enumerate() {
                         outcomes[i] = Some(decision.outcomes[k]);
+                        receipts[i] = decision.receipts[k];
                     }
                     if decision.admitted && !peek {
-                        let kept: Vec<(Item, i64)> = group
+                        let kept: Vec<(Item, u64)> = group
                             .iter()
                             .zip(&decision.outcomes)
-                            .zip(&receipts)
+                            .zip(&decision.receipts)
                             .filter(|((_, o), _)| o.allowed)
                             .map(|((item, _), r)| (*item, *r))
                             .collect();
@@ -474,7 +505,10 @@ impl RedisStore {
         }
         let decision = match (first_error, outcomes.iter().all(Option::is_some)) {
             (None, true) => {
-                Decision::from_outcomes(items, outcomes.into_iter().flatten().collect())
+                let mut d =
+                    Decision::from_outcomes(items, outcomes.into_iter().flatten().collect());
+                d.receipts = receipts;
+                d
             }
             (error, _) => {
                 // Nothing may stay charged for a request that was not decided.
@@ -488,7 +522,7 @@ impl RedisStore {
         Ok(decision)
     }
 
-    async fn refund_all(&self, conn: &ClusterConnection, committed: Vec<(Vec<Item>, Vec<i64>)>) {
+    async fn refund_all(&self, conn: &ClusterConnection, committed: Vec<(Vec<Item>, Vec<u64>)>) {
         let calls = committed
             .into_iter()
             .filter(|(items, _)| !items.is_empty())
@@ -500,7 +534,7 @@ impl RedisStore {
                         invocation.key(key_name(&self.prefix, item.id, &item.tag));
                     }
                     for (item, receipt) in items.iter().zip(&receipts) {
-                        push_limit(&mut invocation, item, *receipt);
+                        push_refund(&mut invocation, item, *receipt);
                     }
                     let result: Result<i64, RedisError> = invocation.invoke_async(&mut conn).await;
                     if let Err(e) = result {
@@ -511,6 +545,55 @@ impl RedisStore {
         join_all(calls).await;
     }
 
+    /// Settles admitted items after their response (settle.lua): each [`Settle`] names the
+    /// item, its receipt, what was reserved and what the response cost. One call per cluster
+    /// slot (one in all on a single server).
+    pub async fn settle(&self, settles: &[Settle], now: Option<Micros>) -> Result<(), StoreError> {
+        let mut groups: Vec<(Tag, Vec<&Settle>)> = Vec::new();
+        for s in settles.iter().filter(|s| s.cost != s.item.cost) {
+            match groups.iter_mut().find(|(tag, _)| *tag == s.item.tag) {
+                Some((_, members)) => members.push(s),
+                None => groups.push((s.item.tag, vec![s])),
+            }
+        }
+        for (_, group) in groups {
+            let mut invocation = self.settle.prepare_invoke();
+            for s in &group {
+                invocation.key(key_name(&self.prefix, s.item.id, &s.item.tag));
+            }
+            match now {
+                Some(t) => invocation.arg(t),
+                None => invocation.arg(""),
+            };
+            for s in &group {
+                let (code, p1, p2, p3) = script_args(&s.item.algorithm);
+                invocation
+                    .arg(code)
+                    .arg(p1)
+                    .arg(p2)
+                    .arg(p3)
+                    .arg(s.item.cost)
+                    .arg(s.receipt)
+                    .arg(s.cost);
+            }
+            let result: Result<i64, RedisError> = match &self.backend {
+                Backend::Single(_) => {
+                    let (mut conn, broken) = self.connection().await?;
+                    let r = invocation.invoke_async(&mut conn).await;
+                    if let Err(e) = &r
+                        && breaks_connection(e)
+                    {
+                        broken.store(true, Ordering::Relaxed);
+                    }
+                    r
+                }
+                Backend::Cluster(conn) => invocation.invoke_async(&mut conn.clone()).await,
+            };
+            result?;
+        }
+        Ok(())
+    }
+
     /// Deletes the state of every item (an operator's reset): one `DEL` per cluster slot (the
     /// keys of one identity share a slot), one in all on a single server. Returns how many
     /// keys existed.
@@ -518,9 +601,10 @@ impl RedisStore {
         let mut groups: Vec<(Tag, Vec<String>)> = Vec::new();
         for item in items {
             let key = key_name(&self.prefix, item.id, &item.tag);
+            let ban = ban_key(&key);
             match groups.iter_mut().find(|(tag, _)| *tag == item.tag) {
-                Some((_, keys)) => keys.push(key),
-                None => groups.push((item.tag, vec![key])),
+                Some((_, keys)) => keys.extend([key, ban]),
+                None => groups.push((item.tag, vec![key, ban])),
             }
         }
         let mut deleted = 0;
@@ -571,7 +655,7 @@ impl RedisStore {
     }
 }
 
-fn parse_reply(items: &[Item], reply: &[i64]) -> Result<(Decision, Vec<i64>), StoreError> {
+fn parse_reply(items: &[Item], reply: &[i64]) -> Result<Decision, StoreError> {
     if reply.len() != 1 + 5 * items.len() {
         return Err(StoreError::Reply(format!(
             "{} integers for {} limits",
@@ -583,7 +667,7 @@ fn parse_reply(items: &[Item], reply: &[i64]) -> Result<(Decision, Vec<i64>), St
     let outcomes = reply[1..]
         .chunks_exact(5)
         .map(|c| {
-            receipts.push(c[4]);
+            receipts.push(c[4].max(0) as u64);
             Outcome {
                 allowed: c[0] == 1,
                 remaining: c[1].max(0) as u64,
@@ -592,13 +676,14 @@ fn parse_reply(items: &[Item], reply: &[i64]) -> Result<(Decision, Vec<i64>), St
             }
         })
         .collect();
-    let decision = Decision::from_outcomes(items, outcomes);
+    let mut decision = Decision::from_outcomes(items, outcomes);
+    decision.receipts = receipts;
     if decision.admitted != (reply[0] == 1) {
         return Err(StoreError::Reply(
             "admission flag disagrees with the limits".into(),
         ));
     }
-    Ok((decision, receipts))
+    Ok(decision)
 }
 
 #[cfg(test)]
@@ -626,7 +711,11 @@ mod tests {
 
     #[test]
     fn scripts_are_assembled_in_order() {
-        for (script, tail) in [(&*SCRIPT, "-- decide:"), (&*REFUND_SCRIPT, "-- refund:")] {
+        for (script, tail) in [
+            (&*SCRIPT, "-- decide:"),
+            (&*REFUND_SCRIPT, "-- refund:"),
+            (&*SETTLE_SCRIPT, "-- settle:"),
+        ] {
             let prelude = script.find("local function set_state(").unwrap();
             let tables = script.find("local checks = {").unwrap();
             let end = script.find(tail).unwrap();
@@ -644,8 +733,10 @@ mod tests {
         }
         let tables = &SCRIPT[SCRIPT.find("local checks").unwrap()..];
         assert!(tables.starts_with(
-            "local checks = { fixed_window, sliding_log, sliding_window, token_bucket, gcra }\n\
-             local commits = { set_state, sliding_log_commit, set_state, set_state, set_state }\n"
+            "local checks = { fixed_window, sliding_log, sliding_window, token_bucket, gcra, concurrency }\n\
+             local commits = { set_state, sliding_log_commit, set_state, set_state, set_state, concurrency_commit }\n\
+             local refunds = { fixed_window_refund, sliding_log_refund, sliding_window_refund, token_bucket_refund, gcra_refund, concurrency_refund }\n\
+             local charges = { fixed_window_charge, no_charge, sliding_window_charge, token_bucket_charge, gcra_charge, no_charge }\n"
         ));
         for (kind, single) in Kind::ALL.into_iter().zip(SINGLE_SCRIPTS.iter()) {
             let line = format!(
