@@ -341,6 +341,7 @@ mod tests {
                 batch: 0,
                 ban: 0,
                 delay: 0,
+                settles: false,
             })
             .collect()
     }

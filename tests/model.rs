@@ -371,6 +371,7 @@ fn item(algorithm: Algorithm, cost: u64) -> Item {
         batch: 0,
         ban: 0,
         delay: 0,
+        settles: false,
     }
 }
 
@@ -501,6 +502,7 @@ impl Case {
                     batch: 0,
                     ban: limit.ban,
                     delay: limit.delay,
+                    settles: false,
                 }
             })
             .collect()

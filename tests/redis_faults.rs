@@ -1297,6 +1297,7 @@ async fn a_hundred_thousand_identities_per_algorithm_keep_redis_memory_bounded()
                 batch: 0,
                 ban: 0,
                 delay: 0,
+                settles: false,
             }
         };
         // Loads the script without writing a key.

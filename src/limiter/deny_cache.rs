@@ -120,8 +120,9 @@ impl DenyCache {
             return;
         }
         for (item, o) in items.iter().zip(&decision.outcomes) {
-            // A concurrency slot frees whenever a request ends: never assumed taken.
-            let slots = item.algorithm.kind() == Kind::Concurrency;
+            // Units given back when a response comes (a concurrency slot, a reservation a
+            // `count` or `cost_from` settles) free a rejection at any moment.
+            let slots = item.settles || item.algorithm.kind() == Kind::Concurrency;
             // A limit with `delay` holds requests again once the wait fits in it.
             let wait = o.retry_after.saturating_sub(item.delay);
             if item.shadow || o.allowed || wait == 0 || slots {
@@ -171,6 +172,7 @@ mod tests {
             batch: 0,
             ban: 0,
             delay: 0,
+            settles: false,
         }
     }
 

@@ -354,6 +354,7 @@ mod tests {
             batch: 10,
             ban: 0,
             delay: 0,
+            settles: false,
         }
     }
 

@@ -50,6 +50,9 @@ pub struct Item {
     pub ban: Micros,
     /// `delay`: µs a request may be held for its slot instead of rejected (0: never held).
     pub delay: Micros,
+    /// The response may give units back (`count`, `cost_from`, a concurrency slot): a
+    /// rejection can end at any moment, so the deny cache never remembers one.
+    pub settles: bool,
 }
 
 /// One admitted item brought to what its response cost ([`Limiter::settle`]): `cost` units
@@ -384,6 +387,7 @@ pub fn items_for(limits: &[Limit], keys: &[KeySpec], subject: &Subject<'_>) -> V
                 batch: limit.batch,
                 ban: limit.ban,
                 delay: limit.delay,
+                settles: limit.settle != crate::policy::Settlement::Stands,
             }
         })
         .collect()
