@@ -470,6 +470,25 @@ pub enum CostFrom {
     Header(HeaderName),
 }
 
+impl std::fmt::Display for CostFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CostFrom::Header(name) => write!(f, "header {name}"),
+        }
+    }
+}
+
+impl std::fmt::Display for StatusSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let classes = (1..=5u8)
+            .filter(|c| self.classes & (1 << c) != 0)
+            .map(|c| format!("{c}xx"));
+        let codes = self.codes.iter().map(u16::to_string);
+        let all: Vec<String> = classes.chain(codes).collect();
+        f.write_str(&all.join(", "))
+    }
+}
+
 /// `count = ["401", "4xx", ...]`: statuses and classes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StatusSet {

@@ -3,8 +3,9 @@
 use std::fmt::Write as _;
 
 use crate::config::{shadowed_routes, units::format_duration};
+use crate::limiter::algorithm::Algorithm;
 use crate::policy::{
-    HeaderStyle, KeySpec, Limit, Matcher, Mode, OnStoreError, Policy, StoreSettings,
+    HeaderStyle, KeySpec, Limit, Matcher, Mode, OnStoreError, Policy, Settlement, StoreSettings,
 };
 
 fn describe_match(m: &Matcher) -> String {
@@ -32,9 +33,48 @@ fn describe_match(m: &Matcher) -> String {
     }
 }
 
-/// `gcra 50/s, burst 20 by ip, cost 2, shadow (quota 20 per 1 s)`.
+/// `gcra 50/s, burst 20 by ip, cost 2, shadow (quota 20 per 1 s)`, with what the response
+/// settles, the ban and the delay after it.
 fn describe_limit(l: &Limit, spec: &KeySpec) -> String {
     let kind = l.algorithm.kind();
+    let mut extra = String::new();
+    match &l.settle {
+        Settlement::Stands => {}
+        Settlement::Count(set) => {
+            let _ = write!(
+                extra,
+                "; counts only responses {set}, the others given back"
+            );
+        }
+        Settlement::CostFrom(from) => {
+            let _ = write!(
+                extra,
+                "; reserves {} at admission, settled to {from} (unused given back, excess owed)",
+                l.cost
+            );
+        }
+        Settlement::Release => {}
+    }
+    if l.ban > 0 {
+        let _ = write!(
+            extra,
+            "; a rejection bans the identity for {}",
+            format_duration(std::time::Duration::from_micros(l.ban))
+        );
+    }
+    if l.delay > 0 {
+        let _ = write!(
+            extra,
+            "; holds a request up to {} for its slot",
+            format_duration(std::time::Duration::from_micros(l.delay))
+        );
+    }
+    if let Algorithm::Concurrency { max, lease } = l.algorithm {
+        return format!(
+            "concurrency: at most {max} in flight by {spec} (a slot not released frees itself after {}){extra}",
+            format_duration(std::time::Duration::from_micros(lease))
+        );
+    }
     let burst = if kind.takes_burst() {
         format!(", burst {}", l.quota)
     } else {
@@ -56,7 +96,7 @@ fn describe_limit(l: &Limit, spec: &KeySpec) -> String {
         },
         l.quota,
         l.window_secs
-    )
+    ) + &extra
 }
 
 /// The summary of a valid policy.
@@ -407,7 +447,13 @@ pub async fn explain(
         let _ = writeln!(out, "    key {key}");
         if let Some(d) = &decision {
             let o = &d.outcomes[i];
-            if o.allowed {
+            if o.allowed && o.retry_after > 0 {
+                let _ = writeln!(
+                    out,
+                    "    now: would hold the request {} ms for its slot, then admit",
+                    o.retry_after.div_ceil(1000)
+                );
+            } else if o.allowed {
                 let _ = writeln!(
                     out,
                     "    now: would admit; {} of {} left after this request; full again in {} s",

@@ -466,3 +466,115 @@ fn syntax_prescan_is_not_fooled_by_valid_toml() {
     let e = error_of(&format!("{tricky}colour = \"blue\"\n"));
     assert!(e.starts_with("14:1: unknown field `colour`"), "{e}");
 }
+
+/// The parsed limits of one route with `limits`.
+fn limits_of(limits: &str) -> Vec<crate::policy::Limit> {
+    let text =
+        format!("{HEAD}[[routes]]\nname = \"r\"\nupstream = \"api\"\nlimits = [\n  {limits},\n]\n");
+    parse(&text, "t.toml", Path::new("."))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .routes[0]
+        .limits
+        .clone()
+}
+
+#[test]
+fn response_aware_limits_parse_into_typed_values() {
+    use crate::policy::{CostFrom, Settlement};
+    let l = &limits_of(
+        r#"{ by = "ip", algorithm = "sliding_log", rate = "5/15min", count = ["401", "5xx"] }"#,
+    )[0];
+    let Settlement::Count(set) = &l.settle else {
+        panic!("{:?}", l.settle)
+    };
+    assert!(set.counts(401) && set.counts(503) && !set.counts(200) && !set.counts(403));
+    let l = &limits_of(
+        r#"{ by = "ip", algorithm = "token_bucket", rate = "1000/min", burst = 1000, reserve = 100, cost_from = "header:X-Usage" }"#,
+    )[0];
+    assert_eq!(l.cost, 100, "admission takes the reservation");
+    assert_eq!(
+        l.settle,
+        Settlement::CostFrom(CostFrom::Header("x-usage".parse().unwrap()))
+    );
+    let l = &limits_of(r#"{ by = "ip", algorithm = "concurrency", max = 4 }"#)[0];
+    // The test upstream's timeout is the default 30 s: slots live 40 s.
+    assert_eq!(
+        l.algorithm,
+        Algorithm::Concurrency {
+            max: 4,
+            lease: 40_000_000
+        }
+    );
+    assert_eq!(l.settle, Settlement::Release);
+    let l = &limits_of(
+        r#"{ by = "ip", algorithm = "gcra", rate = "10/s", burst = 5, delay = "2s", ban = "15min" }"#,
+    )[0];
+    assert_eq!((l.delay, l.ban), (2_000_000, 900_000_000));
+}
+
+#[test]
+fn response_aware_limit_errors_point_at_the_key() {
+    let cases = [
+        (
+            r#"{ by = "ip", algorithm = "fixed_window", rate = "5/min", count = ["40x"] }"#,
+            "invalid status \"40x\" in `count`",
+        ),
+        (
+            r#"{ by = "ip", algorithm = "fixed_window", rate = "5/min", count = [] }"#,
+            "`count` lists no status",
+        ),
+        (
+            r#"{ by = "ip", algorithm = "fixed_window", rate = "5/min", reserve = 3 }"#,
+            "`reserve` goes with `cost_from`",
+        ),
+        (
+            r#"{ by = "ip", algorithm = "sliding_log", rate = "5/min", cost_from = "header:x-cost" }"#,
+            "`cost_from` is taken by fixed_window, sliding_window, token_bucket and gcra",
+        ),
+        (
+            r#"{ by = "ip", algorithm = "fixed_window", rate = "5/min", cost_from = "body:tokens" }"#,
+            "invalid cost_from \"body:tokens\"",
+        ),
+        (
+            r#"{ by = "ip", algorithm = "fixed_window", rate = "5/min", count = ["401"], cost_from = "header:x" }"#,
+            "`count` and `cost_from` cannot be combined",
+        ),
+        (
+            r#"{ by = "ip", algorithm = "concurrency", max = 4, rate = "5/min" }"#,
+            "`rate` is not taken by concurrency",
+        ),
+        (
+            r#"{ by = "ip", algorithm = "concurrency" }"#,
+            "a concurrency limit needs `max`",
+        ),
+        (
+            r#"{ by = "ip", algorithm = "concurrency", max = 0 }"#,
+            "invalid max 0",
+        ),
+        (
+            r#"{ by = "ip", algorithm = "fixed_window" }"#,
+            "a fixed_window limit needs `rate`",
+        ),
+        (
+            r#"{ by = "ip", algorithm = "fixed_window", rate = "5/min", delay = "1s" }"#,
+            "`delay` is taken by token_bucket and gcra only",
+        ),
+        (
+            r#"{ by = "ip", algorithm = "gcra", rate = "5/s", delay = "0s" }"#,
+            "invalid delay \"0s\"",
+        ),
+        (
+            r#"{ by = "ip", algorithm = "fixed_window", rate = "5/min", ban = "1min", mode = "shadow" }"#,
+            "`ban` on a shadow limit would never start",
+        ),
+        (
+            r#"{ by = "ip", algorithm = "fixed_window", rate = "50/min", ban = "1min", batch = 5 }"#,
+            "`batch` (approximate mode, decided locally) cannot be combined",
+        ),
+    ];
+    for (limit, wanted) in cases {
+        let error = limit_error(limit);
+        assert!(error.starts_with("9:"), "{limit}: {error}");
+        assert!(error.contains(wanted), "{limit}: {error}");
+    }
+}
