@@ -16,7 +16,7 @@ on cpu0; wrk, the nginx upstream and Redis on cpu1) and an nginx baseline in the
    with the test fixture key; needs the Python `cryptography` package), next to no limit.
 
 Loopback only; every process started here is stopped by its PID (process group) at the end.
-Usage: bench/extra.py [--seconds 60] [--out FILE] [--only keys10k,flood,conns5000,consumers,jwt,traefik]
+Usage: bench/extra.py [--seconds 60] [--out FILE] [--only keys10k,flood,conns5000,consumers,jwt,traefik,response]
                       [--rounds 3]
 (prints Markdown; --out also writes it)
 """
@@ -114,7 +114,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--out")
-    ap.add_argument("--only", default="keys10k,flood,conns5000,consumers,jwt,traefik")
+    ap.add_argument("--only", default="keys10k,flood,conns5000,consumers,jwt,traefik,response")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the wrk-script sections")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -217,6 +217,18 @@ http {{ access_log off; keepalive_requests 10000000;
                 to_nolimit = median([a[0] / b[0] for a, b in zip(runs[i], runs[1])])
                 lines.append(f"| {label} | {rps:.0f} | {p99:.2f} | {to_nginx:.2f} | {to_nolimit:.2f} | {non} |")
             lines.append("")
+
+        # 7. limits that see the response, on Redis
+        if "response" in only:
+            scripted_rows("### Limits that see the response (Redis)",
+                          "wrk -t1 -c64 -d8s, one hot key. `count` with every response counted needs no settlement call; "
+                          "with none counted each request is refunded (a second script call); a concurrency slot is "
+                          "taken and released (two calls).",
+                          None,
+                          [("tollgate redis_tb (plain Redis token bucket)", "redis_tb"),
+                           ("tollgate redis_count (count = [\"2xx\"], all counted)", "redis_count"),
+                           ("tollgate redis_count_refund (count = [\"4xx\"], all refunded)", "redis_count_refund"),
+                           ("tollgate redis_concurrency (max 1000)", "redis_concurrency")])
 
         # 6. Traefik beside nginx and tollgate
         if "traefik" in only:

@@ -2,7 +2,7 @@
 # One tollgate row for ../shared/bench/peers.py: writes a config for MODE and runs release
 # tollgate in the foreground with one worker thread (the nginx and HAProxy rows use one too).
 #   bench/row.sh MODE LISTEN_PORT UPSTREAM REDIS_URL TMPDIR
-# MODE: nolimit | memory | memory_consumers | memory_keys100k | memory_jwt | redis_tb | redis_gcra | redis_tb_10k | redis_batch | flood_memory | flood_redis
+# MODE: nolimit | memory | memory_consumers | memory_keys100k | memory_jwt | redis_tb | redis_gcra | redis_tb_10k | redis_count | redis_count_refund | redis_concurrency | redis_batch | flood_memory | flood_redis
 # memory_consumers: 100,000 consumers (keys key-1 .. key-100000 in x-api-key), a consumer-keyed
 # token bucket on the memory store; memory_keys100k: the same bucket keyed by the raw header
 # (the store's share of that row's cost, without the consumer lookup); memory_jwt: a token
@@ -50,6 +50,10 @@ issuer = \"https://id.example.com\""
   redis_tb)     store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000 }]' ;;
   redis_gcra)   store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "gcra", rate = "1000000/s", burst = 1000000000 }]' ;;
   redis_tb_10k) store=$store_redis;  limits='limits = [{ by = "query:k", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000 }]' ;;
+  # count: every response counted (no settlement call) / none counted (one refund per request)
+  redis_count)  store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000, count = ["2xx"] }]' ;;
+  redis_count_refund) store=$store_redis; limits='limits = [{ by = "ip", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000, count = ["4xx"] }]' ;;
+  redis_concurrency) store=$store_redis; limits='limits = [{ by = "ip", algorithm = "concurrency", max = 1000 }]' ;;
   redis_batch)  store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000, batch = 100 }]' ;;
   flood_memory) store=$store_memory; limits='limits = [{ by = "ip", algorithm = "fixed_window", rate = "1/hour" }]' ;;
   flood_redis)  store=$store_redis;  limits='limits = [{ by = "ip", algorithm = "fixed_window", rate = "1/hour" }]' ;;
