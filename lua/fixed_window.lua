@@ -8,7 +8,8 @@
 -- TTL    until the window ends, plus the slack: a later window starts from zero anyway.
 -- A clock that steps back keeps counting in the newest window seen (never reopens a window).
 -- Trade-off: constant memory, but up to 2 x quota can pass around a window edge.
-local function fixed_window(key, now, quota, window, _, cost)
+-- The window to count in at `now` (the newest seen) and its count so far.
+local function fixed_window_state(key, now, window)
   local index = math.floor(now / window)
   local count = 0
   local v = redis.call('GET', key)
@@ -20,6 +21,11 @@ local function fixed_window(key, now, quota, window, _, cost)
       count = tonumber(n)
     end
   end
+  return index, count
+end
+
+local function fixed_window(key, now, quota, window, _, cost)
+  local index, count = fixed_window_state(key, now, window)
   local reset = (index + 1) * window - now
   if reset < 0 then reset = 0 end
   if count + cost <= quota then
@@ -46,16 +52,7 @@ end
 -- Counts `cost` units more than were reserved in the current window, even past the quota (a
 -- debt the rest of the window waits out).
 local function fixed_window_charge(key, now, _quota, window, _unused, cost)
-  local index = math.floor(now / window)
-  local count = 0
-  local v = redis.call('GET', key)
-  if v then
-    local i, n = string.match(v, '^(%d+):(%d+)$')
-    if tonumber(i) >= index then
-      index = tonumber(i)
-      count = tonumber(n)
-    end
-  end
+  local index, count = fixed_window_state(key, now, window)
   redis.call('SET', key, string.format('%d:%d', index, count + cost),
     'PX', ttl_ms((index + 1) * window - now))
 end

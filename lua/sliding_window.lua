@@ -12,7 +12,9 @@
 --        plus the slack.
 -- The weighting uses ceil(previous * (window - elapsed) / window) evaluated in doubles, left to
 -- right; the memory store evaluates it identically, so both agree to the bit.
-local function sliding_window(key, now, quota, window, _, cost)
+-- The stored state rolled to `now`: the window number (the newest seen: a clock that steps
+-- back keeps counting in it), its count and the previous window's count.
+local function sliding_window_state(key, now, window)
   local index = math.floor(now / window)
   local current, previous = 0, 0
   local v = redis.call('GET', key)
@@ -27,6 +29,11 @@ local function sliding_window(key, now, quota, window, _, cost)
       previous = tonumber(c)
     end
   end
+  return index, current, previous
+end
+
+local function sliding_window(key, now, quota, window, _, cost)
+  local index, current, previous = sliding_window_state(key, now, window)
   local start = index * window
   local elapsed = now - start
   if elapsed < 0 then elapsed = 0 end
@@ -94,18 +101,7 @@ end
 
 -- Counts `cost` units more than were reserved in the current window, even past the quota.
 local function sliding_window_charge(key, now, _quota, window, _unused, cost)
-  local index = math.floor(now / window)
-  local current, previous = 0, 0
-  local v = redis.call('GET', key)
-  if v then
-    local i, c, p = string.match(v, '^(%d+):(%d+):(%d+)$')
-    local stored = tonumber(i)
-    if stored >= index then
-      index, current, previous = stored, tonumber(c), tonumber(p)
-    elseif stored == index - 1 then
-      previous = tonumber(c)
-    end
-  end
+  local index, current, previous = sliding_window_state(key, now, window)
   redis.call('SET', key, string.format('%d:%d:%d', index, current + cost, previous),
     'PX', ttl_ms((index + 2) * window - now))
 end

@@ -238,7 +238,8 @@ async fn phases<'r>(
     let (mut pending, hold) = match &verdict {
         Verdict::Admitted(items, d) => {
             let (limits, _) = route.limits_for(trail.plan);
-            (Pending::new(rt, limits, items, d), d.hold())
+            let hold = d.hold();
+            (Pending::new(rt, limits, items, d, hold > 0), hold)
         }
         _ => (None, 0),
     };

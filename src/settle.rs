@@ -51,20 +51,21 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// The reservations of an admitted request that its response settles, if any.
+    /// The reservations of an admitted request that its response settles, if any; `held`:
+    /// the request waits for its slot before it is forwarded ([`Decision::hold`]).
     pub fn new(
         rt: &Arc<Runtime>,
         limits: &[Limit],
         items: &[Item],
         decision: &Decision,
+        held: bool,
     ) -> Option<Pending> {
         let entries: Vec<Entry> = limits
             .iter()
             .zip(items)
             .enumerate()
-            .filter(|(i, (limit, _))| {
-                (limit.settle != Settlement::Stands || limit.delay > 0)
-                    && decision.outcomes.get(*i).is_some_and(|o| o.allowed)
+            .filter(|(i, (_, item))| {
+                item.settles_later() && decision.outcomes.get(*i).is_some_and(|o| o.allowed)
             })
             .map(|(i, (limit, item))| {
                 let rule = match &limit.settle {
@@ -93,7 +94,7 @@ impl Pending {
         (!entries.is_empty()).then(|| Pending {
             rt: rt.clone(),
             entries,
-            held: decision.hold() > 0,
+            held,
         })
     }
 

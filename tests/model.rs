@@ -371,7 +371,8 @@ fn item(algorithm: Algorithm, cost: u64) -> Item {
         batch: 0,
         ban: 0,
         delay: 0,
-        settles: false,
+        // The model settles its items: each decision carries its receipts.
+        settles: true,
     }
 }
 
@@ -502,7 +503,7 @@ impl Case {
                     batch: 0,
                     ban: limit.ban,
                     delay: limit.delay,
-                    settles: false,
+                    settles: true,
                 }
             })
             .collect()

@@ -154,7 +154,9 @@ impl MemoryStore {
             rolled.push((next, live));
         }
         let mut decision = Decision::from_outcomes(items, outcomes);
-        decision.receipts = rolled.iter().map(|(r, _)| r.receipt()).collect();
+        if items.iter().any(Item::settles_later) {
+            decision.receipts = rolled.iter().map(|(r, _)| r.receipt()).collect();
+        }
         let full = decision.admitted && fresh > 0 && self.inner.map.len() + fresh > self.max_keys();
         for ((item, key), ((next, live), outcome)) in items
             .iter()
@@ -305,7 +307,9 @@ impl MemoryStore {
         };
         drop(shard);
         let mut decision = Decision::from_outcomes(std::slice::from_ref(item), vec![outcome]);
-        decision.receipts = vec![receipt];
+        if item.settles_later() {
+            decision.receipts = vec![receipt];
+        }
         Ok(decision)
     }
 

@@ -55,6 +55,14 @@ pub struct Item {
     pub settles: bool,
 }
 
+impl Item {
+    /// Whether the pipeline settles this item after admission ([`crate::settle`]): its
+    /// response can change what it cost, or it may be held for its slot.
+    pub fn settles_later(&self) -> bool {
+        self.settles || self.delay > 0
+    }
+}
+
 /// One admitted item brought to what its response cost ([`Limiter::settle`]): `cost` units
 /// instead of the `item.cost` reserved at admission (0 gives the reservation back).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,8 +80,10 @@ pub struct Decision {
     pub admitted: bool,
     /// One per item, in order.
     pub outcomes: Vec<Outcome>,
-    /// What identifies the units each admitted item took (for settling it), in order; empty
-    /// for a decision the store did not make (the deny cache, a lease).
+    /// What identifies the units each admitted item took (for settling it), in order. Empty
+    /// for a decision the store did not make (the deny cache, a lease), and from the memory
+    /// store when no item [`Item::settles_later`] (no allocation on its hot path); Redis
+    /// always returns them (cross-slot refunds use them).
     pub receipts: Vec<u64>,
 }
 

@@ -119,31 +119,27 @@ pub fn script_args(algorithm: &Algorithm) -> (u8, u64, u64, u64) {
     }
 }
 
-/// One limit's ARGV slots for decide.lua (and single.lua): algorithm code, p1, p2, p3, cost,
-/// shadow flag, ban µs, delay µs.
-fn push_limit(invocation: &mut redis::ScriptInvocation<'_>, item: &Item) {
+/// The ARGV slots every script starts a limit with: algorithm code, p1, p2, p3, cost.
+fn push_params(invocation: &mut redis::ScriptInvocation<'_>, item: &Item) {
     let (code, p1, p2, p3) = script_args(&item.algorithm);
+    invocation.arg(code).arg(p1).arg(p2).arg(p3).arg(item.cost);
+}
+
+/// One limit's ARGV slots for decide.lua (and single.lua): the params, shadow flag, ban µs,
+/// delay µs.
+fn push_limit(invocation: &mut redis::ScriptInvocation<'_>, item: &Item) {
+    push_params(invocation, item);
     invocation
-        .arg(code)
-        .arg(p1)
-        .arg(p2)
-        .arg(p3)
-        .arg(item.cost)
         .arg(u8::from(item.shadow))
         .arg(item.ban)
         .arg(item.delay);
 }
 
-/// One limit's six ARGV slots for refund.lua: algorithm code, p1, p2, p3, cost, receipt.
+/// One limit's ARGV slots for refund.lua (and, followed by the cost to settle to, for
+/// settle.lua): the params and the receipt.
 fn push_refund(invocation: &mut redis::ScriptInvocation<'_>, item: &Item, receipt: u64) {
-    let (code, p1, p2, p3) = script_args(&item.algorithm);
-    invocation
-        .arg(code)
-        .arg(p1)
-        .arg(p2)
-        .arg(p3)
-        .arg(item.cost)
-        .arg(receipt);
+    push_params(invocation, item);
+    invocation.arg(receipt);
 }
 
 /// The key of a limit's ban (prelude.lua's `banned`): its state key + `:ban`, in the same slot.
@@ -566,15 +562,8 @@ impl RedisStore {
                 None => invocation.arg(""),
             };
             for s in &group {
-                let (code, p1, p2, p3) = script_args(&s.item.algorithm);
-                invocation
-                    .arg(code)
-                    .arg(p1)
-                    .arg(p2)
-                    .arg(p3)
-                    .arg(s.item.cost)
-                    .arg(s.receipt)
-                    .arg(s.cost);
+                push_refund(&mut invocation, &s.item, s.receipt);
+                invocation.arg(s.cost);
             }
             let result: Result<i64, RedisError> = match &self.backend {
                 Backend::Single(_) => {
