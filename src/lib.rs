@@ -18,7 +18,8 @@
 //! - [`proxy`]: forwarding — hop-by-hop headers, `X-Forwarded-*`, `Via`, streaming, upgrades —
 //!   over [`upstream`]'s keep-alive connection pools, the request [`body`] streamed as it comes.
 //! - [`settle`]: what the response settles (`count`, `cost_from`, concurrency slots, held
-//!   requests), at its head or at the end of its body.
+//!   requests), at its head or at the end of its body; [`usage`] reads the token figure an
+//!   OpenAI-compatible body reports, as it streams.
 //! - [`metrics`] and [`logging`]: recorded once per request at the end of the pipeline.
 //!
 //! Around them: [`config`] parses and validates proxy.toml into a typed [`policy::Policy`];
@@ -58,6 +59,7 @@ pub mod settle;
 pub mod timeouts;
 pub mod tls;
 pub mod upstream;
+pub mod usage;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -468,12 +468,16 @@ pub enum Settlement {
 pub enum CostFrom {
     /// An integer in the upstream's response header.
     Header(HeaderName),
+    /// A figure of the `usage` object an OpenAI-compatible body reports (JSON, or the last
+    /// event of an event stream that carries one).
+    OpenAi(crate::usage::Field),
 }
 
 impl std::fmt::Display for CostFrom {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CostFrom::Header(name) => write!(f, "header {name}"),
+            CostFrom::OpenAi(field) => write!(f, "usage.{} of the body", field.key()),
         }
     }
 }

@@ -481,6 +481,7 @@ fn limits_of(limits: &str) -> Vec<crate::policy::Limit> {
 #[test]
 fn response_aware_limits_parse_into_typed_values() {
     use crate::policy::{CostFrom, Settlement};
+    use crate::usage::Field;
     let l = &limits_of(
         r#"{ by = "ip", algorithm = "sliding_log", rate = "5/15min", count = ["401", "5xx"] }"#,
     )[0];
@@ -496,6 +497,16 @@ fn response_aware_limits_parse_into_typed_values() {
         l.settle,
         Settlement::CostFrom(CostFrom::Header("x-usage".parse().unwrap()))
     );
+    for (text, field) in [
+        ("total_tokens", Field::Total),
+        ("prompt_tokens", Field::Prompt),
+        ("completion_tokens", Field::Completion),
+    ] {
+        let l = &limits_of(&format!(
+            r#"{{ by = "ip", algorithm = "gcra", rate = "1000/min", burst = 1000, reserve = 50, cost_from = "openai:{text}" }}"#
+        ))[0];
+        assert_eq!(l.settle, Settlement::CostFrom(CostFrom::OpenAi(field)));
+    }
     let l = &limits_of(r#"{ by = "ip", algorithm = "concurrency", max = 4 }"#)[0];
     // The test upstream's timeout is the default 30 s: slots live 40 s.
     assert_eq!(
@@ -534,6 +545,10 @@ fn response_aware_limit_errors_point_at_the_key() {
         (
             r#"{ by = "ip", algorithm = "fixed_window", rate = "5/min", cost_from = "body:tokens" }"#,
             "invalid cost_from \"body:tokens\"",
+        ),
+        (
+            r#"{ by = "ip", algorithm = "fixed_window", rate = "5/min", cost_from = "openai:tokens" }"#,
+            "expected openai:total_tokens, openai:prompt_tokens or openai:completion_tokens",
         ),
         (
             r#"{ by = "ip", algorithm = "fixed_window", rate = "5/min", count = ["401"], cost_from = "header:x" }"#,

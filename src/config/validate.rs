@@ -20,6 +20,7 @@ use super::{ConfigError, ConfigErrors};
 use crate::consumers::Consumers;
 use crate::limiter::algorithm::{Algorithm, Kind};
 use crate::policy::*;
+use crate::usage::Field;
 
 /// Largest value any algorithm's arithmetic may reach, with room to add a timestamp: Lua's
 /// doubles are exact integers up to 2^53.
@@ -1597,8 +1598,18 @@ fn cost_from(text: &str) -> Result<CostFrom, String> {
             .map(CostFrom::Header)
             .map_err(|_| format!("invalid header name \"{name}\" in cost_from"));
     }
+    if let Some(field) = text.strip_prefix("openai:") {
+        return match field {
+            "total_tokens" => Ok(CostFrom::OpenAi(Field::Total)),
+            "prompt_tokens" => Ok(CostFrom::OpenAi(Field::Prompt)),
+            "completion_tokens" => Ok(CostFrom::OpenAi(Field::Completion)),
+            _ => Err(format!(
+                "invalid cost_from \"{text}\"; expected openai:total_tokens, openai:prompt_tokens or openai:completion_tokens"
+            )),
+        };
+    }
     Err(format!(
-        "invalid cost_from \"{text}\"; expected \"header:NAME\" (an integer the upstream sends in a response header)"
+        "invalid cost_from \"{text}\"; expected \"header:NAME\" (an integer the upstream sends in a response header) or \"openai:total_tokens\" (the usage an OpenAI-compatible response body reports)"
     ))
 }
 
