@@ -21,7 +21,7 @@ use crate::conn::ConnInfo;
 use crate::consumers::{PlanId, Resolved};
 use crate::framing;
 use crate::identity::{self, Subject};
-use crate::limiter::{self, Decision, Item};
+use crate::limiter::{self, Decision, Item, StoreError};
 use crate::logging::{self, Access};
 use crate::metrics::Outcome;
 use crate::policy::{Admission, OnStoreError, Route};
@@ -214,7 +214,7 @@ async fn phases<'r>(
                 Some(Ok(claims)) => Some(&**claims),
                 _ => None,
             };
-            decide(rt, route, &parts, client, &who, claims).await
+            decide(rt, index, &parts, client, &who, claims).await
         }
     };
     let stop = match &verdict {
@@ -400,13 +400,14 @@ fn grpc_status(exit: &Exit) -> Option<(u8, &'static str, Option<u64>)> {
 
 /// Asks the store, within its timeout, about the limits of the request's plan.
 async fn decide(
-    rt: &Runtime,
-    route: &Route,
+    rt: &Arc<Runtime>,
+    index: usize,
     parts: &Parts,
     client: IpAddr,
     who: &Resolved<'_>,
     claims: Option<&crate::jwt::Claims>,
 ) -> Verdict {
+    let route = &rt.policy.routes[index];
     let (limits, _) = route.limits_for(who.plan);
     if limits.is_empty() {
         return Verdict::Unlimited;
@@ -418,13 +419,72 @@ async fn decide(
         claims,
     };
     let items = limiter::items_for(limits, &route.keys, &subject);
-    let result = rt.limiter.decide(&items).await;
+    let result = if items.iter().any(Item::settles_later) {
+        detached_decision(rt, index, who.plan, items.clone()).await
+    } else {
+        rt.limiter.decide(&items).await
+    };
     match result {
         Ok(d) if d.admitted => Verdict::Admitted(items, d),
         Ok(d) => Verdict::Rejected(items, d),
         Err(e) => {
             logging::store_error(&route.name, &e);
             Verdict::StoreFailed(route.on_store_error)
+        }
+    }
+}
+
+/// A decision that takes reservations the response settles, made in a task of its own: a
+/// client that goes away while the store decides (its request's future dropped) must not
+/// leave them behind. The decision travels as an [`Unclaimed`]: whether nobody is left to
+/// receive it, or the request is dropped after it arrived but before it was read, what it
+/// took is given back, as for a request never forwarded.
+async fn detached_decision(
+    rt: &Arc<Runtime>,
+    index: usize,
+    plan: Option<PlanId>,
+    items: Vec<Item>,
+) -> Result<Decision, StoreError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let rt = rt.clone();
+    tokio::spawn(async move {
+        let result = rt.limiter.decide(&items).await;
+        let _ = tx.send(result.map(|decision| Unclaimed {
+            rt,
+            index,
+            plan,
+            items,
+            decision: Some(decision),
+        }));
+    });
+    match rx.await {
+        Ok(result) => result.map(Unclaimed::claim),
+        Err(_) => Err(StoreError::Reply("the decision task ended early".into())),
+    }
+}
+
+/// A decision on its way to its request; dropped unread, it gives back what it took.
+struct Unclaimed {
+    rt: Arc<Runtime>,
+    index: usize,
+    plan: Option<PlanId>,
+    items: Vec<Item>,
+    decision: Option<Decision>,
+}
+
+impl Unclaimed {
+    fn claim(mut self) -> Decision {
+        self.decision.take().expect("claimed once")
+    }
+}
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        if let Some(decision) = self.decision.take()
+            && decision.admitted
+        {
+            let (limits, _) = self.rt.policy.routes[self.index].limits_for(self.plan);
+            drop(Pending::new(&self.rt, limits, &self.items, &decision, true));
         }
     }
 }
