@@ -12,7 +12,8 @@ use crate::limiter::{Limiter, Store, StoreError};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::policy::{Policy, RedisSettings, StoreSettings};
 use crate::tls::{self, TlsError};
-use crate::upstream::{Pools, TargetPool};
+use crate::upstream::tls::{self as upstream_tls, UpstreamTlsError};
+use crate::upstream::{Dial, Pools, TargetPool};
 
 /// One loaded policy and what serving it needs.
 pub struct Runtime {
@@ -33,6 +34,25 @@ pub enum BuildError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    UpstreamTls(#[from] UpstreamTlsError),
+}
+
+/// The TLS connectors of each upstream with an `https://` target (read from its files now).
+fn upstream_connectors(
+    policy: &Policy,
+) -> Result<Vec<Option<upstream_tls::Connectors>>, UpstreamTlsError> {
+    policy
+        .upstreams
+        .iter()
+        .map(|u| {
+            u.targets
+                .iter()
+                .any(|t| t.scheme == http::uri::Scheme::HTTPS)
+                .then(|| upstream_tls::connectors(&u.name, &u.tls, u.protocol))
+                .transpose()
+        })
+        .collect()
 }
 
 /// Why a reload was refused.
@@ -150,6 +170,7 @@ pub fn check_files(policy: &Policy) -> Result<(), BuildError> {
     if let crate::policy::StoreSettings::Redis(r) = &policy.store {
         crate::limiter::redis::tls_certificates(r)?;
     }
+    upstream_connectors(policy)?;
     Ok(())
 }
 
@@ -160,18 +181,18 @@ impl Runtime {
         pools: &Pools,
         store: Option<Arc<Store>>,
     ) -> Result<Runtime, BuildError> {
+        let connectors = upstream_connectors(&policy)?;
         let upstream_pools = policy
             .upstreams
             .iter()
-            .map(|u| {
+            .zip(&connectors)
+            .map(|(u, connectors)| {
                 u.targets
                     .iter()
                     .map(|t| {
-                        pools.get(
-                            &t.authority,
-                            u.connect_timeout,
-                            u.max_connections_per_target,
-                        )
+                        let dial =
+                            Dial::for_target(t, u.connect_timeout, u.protocol, connectors.as_ref());
+                        pools.get(&t.authority, dial, u.max_connections_per_target)
                     })
                     .collect()
             })

@@ -190,7 +190,31 @@ pub struct Upstream {
     pub timeout: Duration,
     /// Idle keep-alive connections kept per target at most.
     pub max_connections_per_target: usize,
+    pub protocol: Protocol,
+    /// For `https://` targets: what verifies them (system roots without `ca`).
+    pub tls: UpstreamTls,
     next: AtomicUsize,
+}
+
+/// What an upstream speaks (`protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Http1,
+    /// HTTP/2: ALPN `h2` over TLS, prior knowledge (h2c) over `http://`.
+    H2,
+    /// `https://`: whatever ALPN settles (`h2` or `http/1.1`); `http://`: HTTP/1.1.
+    Auto,
+}
+
+/// `tls = { ca, cert, key, server_name }` of an upstream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct UpstreamTls {
+    /// Trusted roots instead of the system's.
+    pub ca: Option<PathBuf>,
+    /// A client certificate chain and its key (mTLS).
+    pub client: Option<(PathBuf, PathBuf)>,
+    /// The name sent as SNI and verified, instead of the target's host.
+    pub server_name: Option<String>,
 }
 
 /// One upstream address, split once so that forwarding only assembles a URI.
@@ -201,6 +225,8 @@ pub struct Target {
 }
 
 impl Upstream {
+    // One argument per `[upstreams.NAME]` key: validation builds it in one place.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: String,
         index: usize,
@@ -208,6 +234,8 @@ impl Upstream {
         connect_timeout: Duration,
         timeout: Duration,
         max_connections_per_target: usize,
+        protocol: Protocol,
+        tls: UpstreamTls,
     ) -> Self {
         Upstream {
             name,
@@ -216,6 +244,8 @@ impl Upstream {
             connect_timeout,
             timeout,
             max_connections_per_target,
+            protocol,
+            tls,
             next: AtomicUsize::new(0),
         }
     }

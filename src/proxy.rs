@@ -302,10 +302,11 @@ pub async fn forward(
     } else {
         None
     };
-    let sent = tokio::time::timeout(upstream.timeout, pool.send(request)).await;
+    let limit = grpc_deadline(request.headers_mut(), upstream.timeout);
+    let sent = tokio::time::timeout(limit, pool.send(request)).await;
     let mut response = match sent {
         Err(_) => {
-            return Err(ProxyError::Timeout(authority.to_string(), upstream.timeout));
+            return Err(ProxyError::Timeout(authority.to_string(), limit));
         }
         Ok(Err(e)) => {
             if let Some(fault) = watch.fault() {
@@ -317,6 +318,9 @@ pub async fn forward(
                 }
                 UpstreamError::Http(e) => {
                     ProxyError::Upstream(authority.to_string(), error_chain(&e))
+                }
+                e @ (UpstreamError::Tls(_) | UpstreamError::NoH2) => {
+                    ProxyError::Upstream(authority.to_string(), e.to_string())
                 }
             });
         }
@@ -339,6 +343,46 @@ pub async fn forward(
     let version = response.version();
     append_via(response.headers_mut(), version);
     Ok(response)
+}
+
+/// A gRPC call's `grpc-timeout`, honoured no longer than the upstream's `timeout`: the header
+/// the upstream receives is capped to it, and the wait for the response head is the shorter
+/// of the two.
+fn grpc_deadline(headers: &mut HeaderMap, timeout: Duration) -> Duration {
+    let Some(asked) = headers
+        .get(GRPC_TIMEOUT)
+        .and_then(|v| parse_grpc_timeout(v.as_bytes()))
+    else {
+        return timeout;
+    };
+    if asked <= timeout {
+        return asked;
+    }
+    let millis = timeout.as_millis().min(99_999_999);
+    if let Ok(v) = HeaderValue::from_str(&format!("{millis}m")) {
+        headers.insert(GRPC_TIMEOUT, v);
+    }
+    timeout
+}
+
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
+/// `grpc-timeout` = at most 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// Copies bytes both ways between an upgraded client and upstream until either side closes or
@@ -455,6 +499,39 @@ mod tests {
             set_forwarding_headers(&mut h, &conn, false, None, version);
             assert_eq!(h["via"], via, "{version:?}");
         }
+    }
+
+    #[test]
+    fn grpc_timeouts_are_capped_by_the_upstream_timeout() {
+        assert_eq!(parse_grpc_timeout(b"10S"), Some(Duration::from_secs(10)));
+        assert_eq!(
+            parse_grpc_timeout(b"250m"),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(parse_grpc_timeout(b"2H"), Some(Duration::from_secs(7200)));
+        for bad in [&b"S"[..], b"123456789S", b"10s", b"-1S", b""] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+        let mut h = map(&[("grpc-timeout", "10S")]);
+        assert_eq!(
+            grpc_deadline(&mut h, Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(h["grpc-timeout"], "1000m", "capped for the upstream too");
+        let mut h = map(&[("grpc-timeout", "200m")]);
+        assert_eq!(
+            grpc_deadline(&mut h, Duration::from_secs(1)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            h["grpc-timeout"], "200m",
+            "a shorter deadline passes as sent"
+        );
+        let mut h = map(&[]);
+        assert_eq!(
+            grpc_deadline(&mut h, Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
     }
 
     #[test]

@@ -121,6 +121,19 @@ pub struct RawUpstream {
     pub connect_timeout: Option<S<String>>,
     pub timeout: Option<S<String>>,
     pub max_connections_per_target: Option<S<i64>>,
+    /// `http1`, `h2` or `auto`.
+    pub protocol: Option<S<String>>,
+    pub tls: Option<S<RawUpstreamTls>>,
+}
+
+/// How tollgate verifies (and presents itself to) `https://` targets.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub ca: Option<S<String>>,
+    pub cert: Option<S<String>>,
+    pub key: Option<S<String>>,
+    pub server_name: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -220,7 +220,7 @@ fn bad_cidr_durations_and_addresses() {
 fn bad_targets() {
     for (target, what) in [
         ("127.0.0.1:3000", "invalid target"),
-        ("https://127.0.0.1", "only http://"),
+        ("ftp://127.0.0.1:21", "expected an http:// or https:// URL"),
         ("http://127.0.0.1:3000/base", "scheme, host and port only"),
     ] {
         let e = error_of(&format!(
@@ -228,6 +228,45 @@ fn bad_targets() {
         ));
         assert!(e.starts_with("4:12: ") && e.contains(what), "{target}: {e}");
     }
+}
+
+#[test]
+fn upstream_protocol_and_tls_are_checked() {
+    let cases = [
+        (
+            "targets = [\"https://a:1\"]\nprotocol = \"h3\"",
+            "5:12: unknown protocol \"h3\"; expected one of http1, h2, auto",
+        ),
+        (
+            "targets = [\"http://a:1\"]\ntls = { ca = \"ca.pem\" }",
+            "5:7: `tls` of upstream \"api\" applies to https:// targets",
+        ),
+        (
+            "targets = [\"https://a:1\"]\ntls = { cert = \"c.pem\" }",
+            "5:16: `tls.cert` needs `tls.key`",
+        ),
+        (
+            "targets = [\"https://a:1\"]\ntls = { server_name = \"a b\" }",
+            "5:23: invalid tls.server_name \"a b\"",
+        ),
+    ];
+    for (body, expected) in cases {
+        let e = error_of(&format!(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[upstreams.api]\n{body}\n"
+        ));
+        assert!(e.starts_with(expected), "{body}: {e}");
+    }
+    let p = parse(
+        "[server]\nlisten = \"127.0.0.1:1\"\n[upstreams.api]\ntargets = [\"https://a:1\"]\nprotocol = \"h2\"\ntls = { ca = \"ca.pem\", cert = \"c.pem\", key = \"k.pem\", server_name = \"api.internal\" }\n",
+        "t.toml",
+        Path::new("."),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let u = &p.upstreams[0];
+    assert_eq!(u.protocol, crate::policy::Protocol::H2);
+    assert!(u.tls.ca.as_ref().is_some_and(|c| c.ends_with("ca.pem")));
+    assert!(u.tls.client.is_some());
+    assert_eq!(u.tls.server_name.as_deref(), Some("api.internal"));
 }
 
 #[test]

@@ -621,6 +621,28 @@ fn upstreams(
                 256
             }
         };
+        let protocol = v.one_of(
+            &u.protocol,
+            "protocol",
+            &[
+                ("http1", Protocol::Http1),
+                ("h2", Protocol::H2),
+                ("auto", Protocol::Auto),
+            ],
+            Protocol::Auto,
+        );
+        let tls = match &u.tls {
+            None => UpstreamTls::default(),
+            Some(t) => {
+                if !targets.iter().any(|t| t.scheme == Scheme::HTTPS) {
+                    v.error(
+                        t.span(),
+                        format!("`tls` of upstream \"{name}\" applies to https:// targets, and it has none"),
+                    );
+                }
+                upstream_tls(v, t.get_ref())
+            }
+        };
         out.insert(
             name.clone(),
             Arc::new(Upstream::new(
@@ -630,23 +652,68 @@ fn upstreams(
                 connect_timeout,
                 timeout,
                 max_connections_per_target,
+                protocol,
+                tls,
             )),
         );
     }
     out
 }
 
+/// `tls = { ca, cert, key, server_name }`: paths resolved against the config's directory
+/// (read when the config is put into service, so a bad file refuses a reload).
+fn upstream_tls(v: &mut Validator, t: &RawUpstreamTls) -> UpstreamTls {
+    let client = match (&t.cert, &t.key) {
+        (Some(c), Some(k)) => Some((v.base_dir.join(c.get_ref()), v.base_dir.join(k.get_ref()))),
+        (Some(c), None) => {
+            v.error(
+                c.span(),
+                "`tls.cert` needs `tls.key` (the client certificate's private key)",
+            );
+            None
+        }
+        (None, Some(k)) => {
+            v.error(
+                k.span(),
+                "`tls.key` needs `tls.cert` (the client certificate chain)",
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    let server_name = t.server_name.as_ref().and_then(|n| {
+        match rustls::pki_types::ServerName::try_from(n.get_ref().as_str()) {
+            Ok(_) => Some(n.get_ref().clone()),
+            Err(_) => {
+                v.error(
+                    n.span(),
+                    format!(
+                        "invalid tls.server_name \"{}\"; expected a DNS name or an IP address",
+                        n.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    });
+    UpstreamTls {
+        ca: t.ca.as_ref().map(|c| v.base_dir.join(c.get_ref())),
+        client,
+        server_name,
+    }
+}
+
 fn parse_target(text: &str) -> Result<Target, String> {
     let bad = || {
         format!(
-            "invalid target \"{text}\"; expected http://HOST:PORT, e.g. \"http://127.0.0.1:3000\""
+            "invalid target \"{text}\"; expected http://HOST:PORT or https://HOST:PORT, e.g. \"http://127.0.0.1:3000\""
         )
     };
     let uri = Uri::from_str(text.trim()).map_err(|_| bad())?;
     let scheme = uri.scheme().ok_or_else(bad)?.clone();
-    if scheme != Scheme::HTTP {
+    if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
         return Err(format!(
-            "invalid target \"{text}\": only http:// upstreams are supported (tollgate terminates TLS on its own listener)"
+            "invalid target \"{text}\": expected an http:// or https:// URL"
         ));
     }
     let authority = uri.authority().ok_or_else(bad)?.clone();
@@ -707,6 +774,8 @@ fn routes(
                     Duration::ZERO,
                     Duration::ZERO,
                     1,
+                    Protocol::Auto,
+                    UpstreamTls::default(),
                 ))
             }
         };
