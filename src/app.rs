@@ -182,6 +182,7 @@ impl Runtime {
         store: Option<Arc<Store>>,
     ) -> Result<Runtime, BuildError> {
         let connectors = upstream_connectors(&policy)?;
+        pools.prune();
         let upstream_pools = policy
             .upstreams
             .iter()
@@ -192,7 +193,15 @@ impl Runtime {
                     .map(|t| {
                         let dial =
                             Dial::for_target(t, u.connect_timeout, u.protocol, connectors.as_ref());
-                        pools.get(&t.authority, dial, u.max_connections_per_target)
+                        let pool = pools.get(
+                            &t.authority,
+                            dial,
+                            u.max_connections_per_target,
+                            u.health_check.as_ref(),
+                        );
+                        pool.health
+                            .attach(metrics.upstream_healthy(&u.name, t.authority.as_str()));
+                        pool
                     })
                     .collect()
             })

@@ -281,8 +281,8 @@ pub async fn reset(rt: &Runtime, route: &Route, identity: &Identity) -> Result<V
     }))
 }
 
-/// `GET /v1/status`: config hash and last reload, store (breakers, p99 decision time), and
-/// every route with its limits, decision counts and p99 upstream time (from the histograms,
+/// `GET /v1/status`: config hash and last reload, store (breakers, p99 decision time), each
+/// upstream's targets and their health, and every route with its limits, decision counts and p99 upstream time (from the histograms,
 /// interpolated within a bucket).
 pub fn status(rt: &Runtime, metrics: &crate::metrics::Metrics) -> Value {
     let text = metrics.render();
@@ -330,8 +330,33 @@ pub fn status(rt: &Runtime, metrics: &crate::metrics::Metrics) -> Value {
             "open_breakers": store.open_breakers(),
             "decision_p99_ms": p99.map(|s| s * 1000.0),
         },
+        "upstreams": upstreams_json(rt),
         "routes": routes,
     })
+}
+
+/// Every upstream with its targets and whether each gets requests (health checks, refused
+/// connections).
+fn upstreams_json(rt: &Runtime) -> Vec<Value> {
+    rt.policy
+        .upstreams
+        .iter()
+        .zip(&rt.upstream_pools)
+        .map(|(u, pools)| {
+            let targets: Vec<Value> = u
+                .targets
+                .iter()
+                .zip(pools)
+                .map(|(t, pool)| {
+                    json!({
+                        "target": format!("{}://{}", t.scheme, t.authority),
+                        "healthy": pool.health.healthy(),
+                    })
+                })
+                .collect();
+            json!({ "name": u.name, "health_check": u.health_check.is_some(), "targets": targets })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -97,6 +97,7 @@ pub struct Metrics {
     pub local_denials: Counter,
     pub leased: Counter,
     pub circuit_open: Gauge,
+    upstream_healthy: Family<Labels2, Gauge>,
     /// The last reload: whether it was taken, and when (Unix seconds); for `/v1/status`.
     last_reload: Mutex<Option<(bool, u64)>>,
 }
@@ -143,6 +144,12 @@ impl Metrics {
             leased.clone(),
         );
         let circuit_open = Gauge::default();
+        let upstream_healthy = Family::<Labels2, Gauge>::default();
+        registry.register(
+            "tollgate_upstream_healthy",
+            "Whether an upstream target gets requests (1) or is out after failed health checks or refused connections (0)",
+            upstream_healthy.clone(),
+        );
         registry.register(
             "tollgate_local_denials",
             "Requests rejected from the local over-limit cache, without a store call",
@@ -222,8 +229,17 @@ impl Metrics {
             local_denials,
             leased,
             circuit_open,
+            upstream_healthy,
             last_reload: Mutex::new(None),
         }
+    }
+
+    /// The health gauge of one target of one upstream.
+    pub fn upstream_healthy(&self, upstream: &str, target: &str) -> Gauge {
+        self.upstream_healthy.get_or_create_owned(&[
+            ("upstream", upstream.to_string()),
+            ("target", target.to_string()),
+        ])
     }
 
     /// Resolves the series of a route (created at zero so dashboards see every route).

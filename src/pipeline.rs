@@ -529,11 +529,12 @@ async fn forward(
     }
     let (body, watch) = RequestBody::new(body, server.max_body, server.body_idle_timeout);
     let upstream = &route.upstream;
-    let target = upstream.pick();
+    let pools = &rt.upstream_pools[upstream.index];
+    let target = crate::upstream::health::choose(upstream.pick(), pools);
     proxy::forward(
         upstream,
         target,
-        &rt.upstream_pools[upstream.index][target],
+        pools,
         Request::from_parts(parts, body),
         &watch,
         server.max_body,

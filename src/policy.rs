@@ -193,6 +193,7 @@ pub struct Upstream {
     pub protocol: Protocol,
     /// For `https://` targets: what verifies them (system roots without `ca`).
     pub tls: UpstreamTls,
+    pub health_check: Option<HealthCheck>,
     next: AtomicUsize,
 }
 
@@ -204,6 +205,16 @@ pub enum Protocol {
     H2,
     /// `https://`: whatever ALPN settles (`h2` or `http/1.1`); `http://`: HTTP/1.1.
     Auto,
+}
+
+/// `health_check = { path, interval, timeout, unhealthy_after, healthy_after }`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    pub path: http::uri::PathAndQuery,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
 }
 
 /// `tls = { ca, cert, key, server_name }` of an upstream.
@@ -236,6 +247,7 @@ impl Upstream {
         max_connections_per_target: usize,
         protocol: Protocol,
         tls: UpstreamTls,
+        health_check: Option<HealthCheck>,
     ) -> Self {
         Upstream {
             name,
@@ -246,6 +258,7 @@ impl Upstream {
             max_connections_per_target,
             protocol,
             tls,
+            health_check,
             next: AtomicUsize::new(0),
         }
     }

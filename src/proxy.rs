@@ -17,7 +17,7 @@ use crate::conn::{ConnInfo, Cut};
 use crate::consumers::{Consumers, Resolved};
 use crate::policy::Upstream;
 use crate::timeouts::{Activity, Tracked};
-use crate::upstream::{PooledBody, TargetPool, UpstreamError};
+use crate::upstream::{PooledBody, SendError, TargetPool, UpstreamError, health};
 
 /// Why a request could not be forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -269,18 +269,18 @@ pub struct Tunnel<'a> {
 
 /// Sends `request` (whose headers the caller has prepared) to target `target` of `upstream`
 /// through its connection pool and waits for the response head, bounded by the upstream's
-/// timeout. The response's hop-by-hop headers are stripped and `Via` added; a `101` is spliced
-/// to the client connection.
+/// timeout. A request that could not be sent at all (the target refused the connection) is
+/// sent once more, to another target ([`health::another`]). The response's hop-by-hop
+/// headers are stripped and `Via` added; a `101` is spliced to the client connection.
 pub async fn forward(
     upstream: &Upstream,
     target: usize,
-    pool: &Arc<TargetPool>,
+    pools: &[Arc<TargetPool>],
     mut request: Request<RequestBody>,
     watch: &BodyWatch,
     max_body: Option<u64>,
     tunnel: Tunnel<'_>,
 ) -> Result<Response<PooledBody>, ProxyError> {
-    let authority = &upstream.targets[target].authority;
     // The upstream gets origin-form (`/path?query`), whatever form the client used.
     if request.uri().scheme().is_some() || request.uri().authority().is_some() {
         let path = request
@@ -293,7 +293,7 @@ pub async fn forward(
     *request.version_mut() = Version::HTTP_11;
     if !request.headers().contains_key(header::HOST) {
         // An HTTP/1.0 client may omit Host; an HTTP/1.1 upstream requires one.
-        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+        if let Ok(host) = HeaderValue::from_str(upstream.targets[target].authority.as_str()) {
             request.headers_mut().insert(header::HOST, host);
         }
     }
@@ -303,7 +303,25 @@ pub async fn forward(
         None
     };
     let limit = grpc_deadline(request.headers_mut(), upstream.timeout);
-    let sent = tokio::time::timeout(limit, pool.send(request)).await;
+    let mut used = target;
+    let attempts = async {
+        match pools[target].send(request).await {
+            Err(SendError {
+                error: first @ (UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_)),
+                unsent: Some(request),
+            }) => match health::another(target, pools) {
+                Some(other) => {
+                    tracing::debug!(failed = %upstream.targets[target].authority, retry = %upstream.targets[other].authority, "upstream target unreachable; sending to another");
+                    used = other;
+                    pools[other].send(request).await.map_err(|e| e.error)
+                }
+                None => Err(first),
+            },
+            other => other.map_err(|e| e.error),
+        }
+    };
+    let sent = tokio::time::timeout(limit, attempts).await;
+    let authority = &upstream.targets[used].authority;
     let mut response = match sent {
         Err(_) => {
             return Err(ProxyError::Timeout(authority.to_string(), limit));

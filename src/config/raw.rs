@@ -124,6 +124,17 @@ pub struct RawUpstream {
     /// `http1`, `h2` or `auto`.
     pub protocol: Option<S<String>>,
     pub tls: Option<S<RawUpstreamTls>>,
+    pub health_check: Option<S<RawHealthCheck>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub path: S<String>,
+    pub interval: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+    pub unhealthy_after: Option<S<i64>>,
+    pub healthy_after: Option<S<i64>>,
 }
 
 /// How tollgate verifies (and presents itself to) `https://` targets.

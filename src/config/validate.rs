@@ -654,10 +654,57 @@ fn upstreams(
                 max_connections_per_target,
                 protocol,
                 tls,
+                u.health_check
+                    .as_ref()
+                    .and_then(|h| health_check(v, h.get_ref())),
             )),
         );
     }
     out
+}
+
+/// `health_check = { path, interval, timeout, unhealthy_after, healthy_after }`.
+fn health_check(v: &mut Validator, h: &RawHealthCheck) -> Option<HealthCheck> {
+    let path = match http::uri::PathAndQuery::from_str(h.path.get_ref()) {
+        Ok(p) if h.path.get_ref().starts_with('/') => Some(p),
+        _ => {
+            v.error(
+                h.path.span(),
+                format!("invalid health_check path \"{}\"; expected an absolute path such as \"/healthz\"", h.path.get_ref()),
+            );
+            None
+        }
+    };
+    let interval = v.positive_duration(&h.interval, Duration::from_secs(5));
+    let timeout = v.positive_duration(&h.timeout, Duration::from_secs(1));
+    if timeout > interval
+        && let Some(t) = &h.timeout
+    {
+        v.error(t.span(), "health_check timeout is longer than its interval");
+    }
+    let mut count = |value: &Option<S<i64>>, what: &str, default: u32| match value {
+        None => default,
+        Some(n) if (1..=100).contains(n.get_ref()) => *n.get_ref() as u32,
+        Some(n) => {
+            v.error(
+                n.span(),
+                format!(
+                    "invalid health_check {what} {}; expected 1 to 100",
+                    n.get_ref()
+                ),
+            );
+            default
+        }
+    };
+    let unhealthy_after = count(&h.unhealthy_after, "unhealthy_after", 3);
+    let healthy_after = count(&h.healthy_after, "healthy_after", 2);
+    Some(HealthCheck {
+        path: path?,
+        interval,
+        timeout,
+        unhealthy_after,
+        healthy_after,
+    })
 }
 
 /// `tls = { ca, cert, key, server_name }`: paths resolved against the config's directory
@@ -776,6 +823,7 @@ fn routes(
                     1,
                     Protocol::Auto,
                     UpstreamTls::default(),
+                    None,
                 ))
             }
         };

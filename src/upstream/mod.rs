@@ -20,6 +20,7 @@
 //! extra task hop per request) cost about a fifth of tollgate's own instructions per request;
 //! this does only what a proxy with a fixed set of targets needs.
 
+pub mod health;
 pub mod tls;
 
 use std::collections::{HashMap, VecDeque};
@@ -43,7 +44,29 @@ use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 
 use crate::body::{BodyWatch, RequestBody};
-use crate::policy::{Protocol, Target};
+use crate::policy::{HealthCheck, Protocol, Target};
+
+/// A request that got no response, and the request itself when nothing of it was sent (the
+/// target could not be reached): the caller may send it to another target.
+pub struct SendError {
+    pub error: UpstreamError,
+    pub unsent: Option<Request<RequestBody>>,
+}
+
+impl SendError {
+    fn sent(error: UpstreamError) -> SendError {
+        SendError {
+            error,
+            unsent: None,
+        }
+    }
+}
+
+impl From<hyper::Error> for SendError {
+    fn from(e: hyper::Error) -> SendError {
+        SendError::sent(e.into())
+    }
+}
 
 /// An idle connection older than this is closed instead of reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -183,6 +206,7 @@ pub struct TargetPool {
     /// Held while an HTTP/2 connection (or an `auto` target's first) is being opened.
     dialing: tokio::sync::Mutex<()>,
     settled: AtomicU8,
+    pub health: health::Health,
 }
 
 impl TargetPool {
@@ -205,6 +229,7 @@ impl TargetPool {
             h2: Mutex::new(Vec::new()),
             dialing: tokio::sync::Mutex::new(()),
             settled: AtomicU8::new(settled),
+            health: health::Health::new(),
         }
     }
 
@@ -264,9 +289,11 @@ impl TargetPool {
     async fn open(&self, http1_only: bool) -> Result<Transport, UpstreamError> {
         let timeout = self.dial.connect_timeout;
         let opened = tokio::time::timeout(timeout, async {
-            let stream = TcpStream::connect(&self.address)
-                .await
-                .map_err(UpstreamError::Connect)?;
+            let stream = TcpStream::connect(&self.address).await.map_err(|e| {
+                self.health.refused(&self.authority);
+                UpstreamError::Connect(e)
+            })?;
+            self.health.connected(&self.authority);
             let _ = stream.set_nodelay(true);
             let Some((connectors, name)) = &self.dial.tls else {
                 return Ok(Transport::Plain(stream));
@@ -283,7 +310,10 @@ impl TargetPool {
             Ok(Transport::Tls(Box::new(tls)))
         })
         .await;
-        opened.map_err(|_| UpstreamError::ConnectTimeout(timeout))?
+        opened.map_err(|_| {
+            self.health.refused(&self.authority);
+            UpstreamError::ConnectTimeout(timeout)
+        })?
     }
 
     /// A new HTTP/1.1 connection.
@@ -370,7 +400,7 @@ impl TargetPool {
     async fn send_h2(
         &self,
         mut request: Request<RequestBody>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
+    ) -> Result<Response<PooledBody>, SendError> {
         let scheme = if self.dial.tls.is_some() {
             Scheme::HTTPS
         } else {
@@ -404,15 +434,26 @@ impl TargetPool {
         }
         let mut retried = false;
         loop {
-            let (mut sender, stream, reused) = self.h2_sender().await?;
+            let (mut sender, stream, reused) = match self.h2_sender().await {
+                Ok(s) => s,
+                Err(error) => {
+                    return Err(SendError {
+                        error,
+                        unsent: Some(request),
+                    });
+                }
+            };
             if sender.ready().await.is_err() {
                 if reused && !retried {
                     retried = true;
                     continue;
                 }
-                return Err(UpstreamError::Connect(std::io::Error::other(
-                    "HTTP/2 connection closed",
-                )));
+                return Err(SendError {
+                    error: UpstreamError::Connect(std::io::Error::other(
+                        "HTTP/2 connection closed",
+                    )),
+                    unsent: Some(request),
+                });
             }
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -424,8 +465,62 @@ impl TargetPool {
                         retried = true;
                         request = unsent;
                     }
-                    _ => return Err(e.into_error().into()),
+                    _ => return Err(SendError::sent(e.into_error().into())),
                 },
+            }
+        }
+    }
+
+    /// An active health check: `GET path` on a connection of its own (closed afterwards), in
+    /// the protocol the target speaks; the status it answered.
+    pub async fn probe(&self, path: &PathAndQuery) -> Result<http::StatusCode, UpstreamError> {
+        async fn over<T>(
+            io: T,
+            h2: bool,
+            uri: Uri,
+            host: &Authority,
+        ) -> Result<http::StatusCode, UpstreamError>
+        where
+            T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        {
+            let body = http_body_util::Empty::<Bytes>::new();
+            let response = if h2 {
+                let (mut sender, conn) =
+                    http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
+                let task = tokio::spawn(conn);
+                let r = sender
+                    .send_request(Request::get(uri).body(body).expect("a request"))
+                    .await;
+                task.abort();
+                r?
+            } else {
+                let (mut sender, conn) = http1::handshake(TokioIo::new(io)).await?;
+                let task = tokio::spawn(conn);
+                let request = Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+                    .header(header::HOST, host.as_str())
+                    .header(header::CONNECTION, "close")
+                    .body(body)
+                    .expect("a request");
+                let r = sender.send_request(request).await;
+                task.abort();
+                r?
+            };
+            Ok(response.status())
+        }
+        let h2 = self.settled.load(Ordering::Acquire) == SETTLED_H2;
+        let scheme = if self.dial.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let uri: Uri = format!("{scheme}://{}{path}", self.authority)
+            .parse()
+            .map_err(|_| UpstreamError::Connect(std::io::Error::other("bad health check URI")))?;
+        match Box::pin(self.open(!h2)).await? {
+            Transport::Plain(s) => over(s, h2, uri, &self.authority).await,
+            Transport::Tls(s) => {
+                let h2 = h2 && s.get_ref().1.alpn_protocol() == Some(b"h2");
+                over(*s, h2, uri, &self.authority).await
             }
         }
     }
@@ -434,14 +529,22 @@ impl TargetPool {
     pub async fn send(
         self: &Arc<Self>,
         request: Request<RequestBody>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
+    ) -> Result<Response<PooledBody>, SendError> {
         // The HTTP/2 paths are boxed: an HTTP/1.1 request's future stays as small as it was
         // (a client that reads nothing holds its request's allocation while it waits).
         if self.settled.load(Ordering::Acquire) != SETTLED_H1
             && !crate::proxy::wants_upgrade(request.headers())
-            && Box::pin(self.speaks_h2()).await?
         {
-            return Box::pin(self.send_h2(request)).await;
+            match Box::pin(self.speaks_h2()).await {
+                Ok(true) => return Box::pin(self.send_h2(request)).await,
+                Ok(false) => {}
+                Err(error) => {
+                    return Err(SendError {
+                        error,
+                        unsent: Some(request),
+                    });
+                }
+            }
         }
         self.send_h1(request).await
     }
@@ -450,14 +553,22 @@ impl TargetPool {
     async fn send_h1(
         self: &Arc<Self>,
         mut request: Request<RequestBody>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
+    ) -> Result<Response<PooledBody>, SendError> {
         let watch = request.body().watch().clone();
         let mut pooled = self.checkout();
         loop {
             let reused = pooled.is_some();
             let mut conn = match pooled.take() {
                 Some(c) => c,
-                None => self.connect().await?,
+                None => match self.connect().await {
+                    Ok(c) => c,
+                    Err(error) => {
+                        return Err(SendError {
+                            error,
+                            unsent: Some(request),
+                        });
+                    }
+                },
             };
             // A pooled sender is ready once its connection has finished the previous exchange;
             // a closed one errors here and a fresh connection is used.
@@ -465,9 +576,12 @@ impl TargetPool {
                 if reused {
                     continue;
                 }
-                return Err(UpstreamError::Connect(std::io::Error::other(
-                    "connection closed during handshake",
-                )));
+                return Err(SendError {
+                    error: UpstreamError::Connect(std::io::Error::other(
+                        "connection closed during handshake",
+                    )),
+                    unsent: Some(request),
+                });
             }
             match conn.sender.try_send_request(request).await {
                 Ok(response) => {
@@ -482,7 +596,7 @@ impl TargetPool {
                 Err(mut e) => match e.take_message() {
                     // Never written: safe to send on a new connection, once.
                     Some(unsent) if reused => request = unsent,
-                    _ => return Err(e.into_error().into()),
+                    _ => return Err(SendError::sent(e.into_error().into())),
                 },
             }
         }
@@ -490,7 +604,14 @@ impl TargetPool {
 }
 
 /// What identifies a pool: a reload that changes none of it keeps the pool's connections.
-type PoolKey = (Authority, Duration, usize, Protocol, Option<[u8; 32]>);
+type PoolKey = (
+    Authority,
+    Duration,
+    usize,
+    Protocol,
+    Option<[u8; 32]>,
+    Option<HealthCheck>,
+);
 
 /// Pools for every target, kept across reloads (a reload keeps its upstream connections).
 #[derive(Default)]
@@ -499,8 +620,20 @@ pub struct Pools {
 }
 
 impl Pools {
+    /// Forgets the pools no runtime uses any more (their reapers and checkers end with them).
+    pub fn prune(&self) {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|_, pool| Arc::strong_count(pool) > 1);
+    }
+
     /// The pool of one target (created on first use, with its reaper when a runtime runs).
-    pub fn get(&self, authority: &Authority, dial: Dial, max_idle: usize) -> Arc<TargetPool> {
+    pub fn get(
+        &self,
+        authority: &Authority,
+        dial: Dial,
+        max_idle: usize,
+        check: Option<&HealthCheck>,
+    ) -> Arc<TargetPool> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         let key = (
             authority.clone(),
@@ -508,6 +641,7 @@ impl Pools {
             max_idle,
             dial.protocol,
             dial.fingerprint(),
+            check.cloned(),
         );
         pools
             .entry(key)
@@ -515,6 +649,9 @@ impl Pools {
                 let pool = Arc::new(TargetPool::new(authority.clone(), dial, max_idle));
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     runtime.spawn(reaper(Arc::downgrade(&pool)));
+                    if let Some(check) = check {
+                        runtime.spawn(health::checker(Arc::downgrade(&pool), check.clone()));
+                    }
                 }
                 pool
             })

@@ -1,0 +1,267 @@
+//! Upstream target health end to end: a target that refuses connections is ejected (its
+//! request sent to the other target, nothing lost), active health checks take a failing target
+//! out of round robin and bring it back, every target is still tried when none is healthy, a
+//! request that reached a target is never sent to another, and `tollgate_upstream_healthy`,
+//! `/v1/status` and the log follow each transition.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Binary, Http, eventually, start_tollgate};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// A target whose `/healthz` answers 200 or 503 as the test says; counts other requests.
+struct Target {
+    addr: SocketAddr,
+    healthy: Arc<AtomicBool>,
+    served: Arc<AtomicUsize>,
+    checks: Arc<AtomicUsize>,
+}
+
+async fn target() -> Target {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let healthy = Arc::new(AtomicBool::new(true));
+    let served = Arc::new(AtomicUsize::new(0));
+    let checks = Arc::new(AtomicUsize::new(0));
+    let (h, s, c) = (healthy.clone(), served.clone(), checks.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (h, s, c) = (h.clone(), s.clone(), c.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |r: Request<Incoming>| {
+                    let (h, s, c) = (h.clone(), s.clone(), c.clone());
+                    async move {
+                        let mut response = Response::new(Full::new(Bytes::from_static(b"ok\n")));
+                        if r.uri().path() == "/healthz" {
+                            c.fetch_add(1, Ordering::SeqCst);
+                            if !h.load(Ordering::SeqCst) {
+                                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                            }
+                        } else {
+                            s.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Target {
+        addr,
+        healthy,
+        served,
+        checks,
+    }
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn config(targets: &[SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = targets.iter().map(|a| format!("\"http://{a}\"")).collect();
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[store]\nbackend = \"memory\"\n\n\
+         [upstreams.api]\ntargets = [{}]\ntimeout = \"2s\"\nconnect_timeout = \"500ms\"\n{extra}\n\n\
+         [[routes]]\nname = \"api\"\nupstream = \"api\"\n",
+        list.join(", ")
+    )
+}
+
+/// The value of `tollgate_upstream_healthy` for `target`.
+fn healthy_gauge(metrics: &str, target: SocketAddr) -> Option<i64> {
+    let series = format!("tollgate_upstream_healthy{{upstream=\"api\",target=\"{target}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_target_is_ejected_and_its_requests_go_to_the_other() {
+    let live = target().await;
+    let dead = closed_port();
+    let tollgate = start_tollgate(&config(&[dead, live.addr], "")).await;
+    let admin = tollgate.admin_addr.unwrap();
+    let http = Http::new();
+    let scraped = http.scrape(admin).await;
+    assert_eq!(
+        healthy_gauge(&scraped, dead),
+        Some(1),
+        "healthy until shown otherwise"
+    );
+
+    for i in 0..20 {
+        let reply = http
+            .get(&format!("http://{}/r/{i}", tollgate.addr), &[])
+            .await;
+        assert_eq!(
+            reply.status, 200,
+            "request {i}: the refused one is sent to the live target"
+        );
+    }
+    assert_eq!(live.served.load(Ordering::SeqCst), 20);
+    let scraped = http.scrape(admin).await;
+    assert_eq!(healthy_gauge(&scraped, dead), Some(0));
+    assert_eq!(healthy_gauge(&scraped, live.addr), Some(1));
+    let status = http
+        .get(&format!("http://{admin}/v1/status"), &[])
+        .await
+        .json();
+    let targets = &status["upstreams"][0]["targets"];
+    assert_eq!(targets[0]["target"], format!("http://{dead}"));
+    assert_eq!(targets[0]["healthy"], false);
+    assert_eq!(targets[1]["healthy"], true);
+    tollgate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_checks_take_a_failing_target_out_and_bring_it_back() {
+    let (a, b) = (target().await, target().await);
+    let check = "health_check = { path = \"/healthz\", interval = \"100ms\", timeout = \"80ms\", unhealthy_after = 2, healthy_after = 2 }";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config(&[a.addr, b.addr], check)).unwrap();
+    let bin = Binary::start(&path);
+    let admin = bin.admin.unwrap();
+    let http = Http::new();
+    eventually(Duration::from_secs(5), || async {
+        b.checks.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+
+    b.healthy.store(false, Ordering::SeqCst);
+    eventually(Duration::from_secs(5), || async {
+        healthy_gauge(&http.scrape(admin).await, b.addr) == Some(0)
+    })
+    .await;
+    let before = (
+        a.served.load(Ordering::SeqCst),
+        b.served.load(Ordering::SeqCst),
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            http.get(&format!("http://{}/", bin.addr), &[]).await.status,
+            200
+        );
+    }
+    assert_eq!(
+        a.served.load(Ordering::SeqCst) - before.0,
+        20,
+        "all to the healthy target"
+    );
+    assert_eq!(
+        b.served.load(Ordering::SeqCst),
+        before.1,
+        "none to the failing one"
+    );
+    let logs = bin.logs();
+    assert!(
+        logs.iter().any(|l| {
+            let text = l.to_string();
+            text.contains("unhealthy") && text.contains(&b.addr.to_string()) && text.contains("503")
+        }),
+        "a log line names the target and why: {logs:?}"
+    );
+
+    b.healthy.store(true, Ordering::SeqCst);
+    eventually(Duration::from_secs(5), || async {
+        healthy_gauge(&http.scrape(admin).await, b.addr) == Some(1)
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(
+            http.get(&format!("http://{}/", bin.addr), &[]).await.status,
+            200
+        );
+    }
+    assert!(
+        b.served.load(Ordering::SeqCst) > before.1,
+        "back in round robin"
+    );
+    assert!(
+        bin.logs()
+            .iter()
+            .any(|l| l.to_string().contains("upstream target healthy"))
+    );
+    drop(bin);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_healthy_target_every_target_is_still_tried() {
+    let (a, b) = (target().await, target().await);
+    a.healthy.store(false, Ordering::SeqCst);
+    b.healthy.store(false, Ordering::SeqCst);
+    let check = "health_check = { path = \"/healthz\", interval = \"100ms\", timeout = \"80ms\", unhealthy_after = 1, healthy_after = 1 }";
+    let tollgate = start_tollgate(&config(&[a.addr, b.addr], check)).await;
+    let admin = tollgate.admin_addr.unwrap();
+    let http = Http::new();
+    eventually(Duration::from_secs(5), || async {
+        let m = http.scrape(admin).await;
+        healthy_gauge(&m, a.addr) == Some(0) && healthy_gauge(&m, b.addr) == Some(0)
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(
+            http.get(&format!("http://{}/", tollgate.addr), &[])
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        a.served.load(Ordering::SeqCst) + b.served.load(Ordering::SeqCst),
+        10
+    );
+    tollgate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_reached_a_target_is_never_sent_to_another() {
+    // The first target takes the request and closes without answering.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rude = listener.local_addr().unwrap();
+    let taken = Arc::new(AtomicUsize::new(0));
+    let t = taken.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 1024];
+            if s.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                t.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let other = target().await;
+    let tollgate = start_tollgate(&config(&[rude, other.addr], "")).await;
+    let http = Http::new();
+    // Round robin starts at the first target.
+    let reply = http
+        .get(&format!("http://{}/once", tollgate.addr), &[])
+        .await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(taken.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        other.served.load(Ordering::SeqCst),
+        0,
+        "not retried once sent"
+    );
+    tollgate.stop().await;
+}
