@@ -13,6 +13,7 @@ pub mod origins;
 pub mod parse;
 pub mod pki;
 pub mod raw;
+pub mod reach;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
