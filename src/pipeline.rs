@@ -293,6 +293,7 @@ async fn phases<'r>(
 fn upstream_error_status(e: &ProxyError) -> u16 {
     match e {
         ProxyError::Connect(_) | ProxyError::Upstream(..) => 502,
+        ProxyError::Saturated(..) => 503,
         ProxyError::Timeout(..) => 504,
         ProxyError::BodyTooLarge(_) => 413,
         ProxyError::BodyIdle => 408,
@@ -325,6 +326,7 @@ fn respond(exit: Exit, route: Option<&Route>, grpc: bool) -> Response<Body> {
             ProxyError::Connect(_)
             | ProxyError::Timeout(..)
             | ProxyError::Upstream(..)
+            | ProxyError::Saturated(..)
             | ProxyError::BodyTooLarge(_)
             | ProxyError::BodyIdle => logging::upstream_error(route, e),
         }
@@ -345,6 +347,7 @@ fn respond(exit: Exit, route: Option<&Route>, grpc: bool) -> Response<Body> {
         Exit::StoreDown => response::store_unavailable(route),
         Exit::Upstream(e) => match e {
             ProxyError::Connect(_) => response::bad_gateway("The upstream could not be reached."),
+            ProxyError::Saturated(..) => response::upstream_saturated(route),
             ProxyError::Upstream(..) => {
                 response::bad_gateway("The upstream failed or sent an invalid response.")
             }
@@ -393,6 +396,11 @@ fn grpc_status(exit: &Exit) -> Option<(u8, &'static str, Option<u64>)> {
         Exit::Upstream(ProxyError::Connect(_) | ProxyError::Upstream(..)) => {
             (code::UNAVAILABLE, "the upstream is unavailable", None)
         }
+        Exit::Upstream(ProxyError::Saturated(..)) => (
+            code::UNAVAILABLE,
+            "every connection to the upstream is busy",
+            Some(1),
+        ),
         Exit::Malformed(_)
         | Exit::Upstream(ProxyError::BadRequestBody(_) | ProxyError::BodyIdle) => return None,
     })

@@ -24,6 +24,9 @@ use crate::upstream::{PooledBody, SendError, TargetPool, UpstreamError, health};
 pub enum ProxyError {
     #[error("upstream {0} refused the connection or could not be reached")]
     Connect(String),
+    /// Every connection allowed to the target stayed busy: 503, try again shortly.
+    #[error("upstream {0}: {1}")]
+    Saturated(String, String),
     #[error("upstream {0} did not send a response head within {1:?}")]
     Timeout(String, Duration),
     #[error("upstream {0} failed: {1}")]
@@ -336,6 +339,9 @@ pub async fn forward(
                 }
                 UpstreamError::Http(e) => {
                     ProxyError::Upstream(authority.to_string(), error_chain(&e))
+                }
+                e @ UpstreamError::Saturated(..) => {
+                    ProxyError::Saturated(authority.to_string(), e.to_string())
                 }
                 e @ (UpstreamError::Tls(_) | UpstreamError::NoH2) => {
                     ProxyError::Upstream(authority.to_string(), e.to_string())

@@ -162,6 +162,20 @@ pub fn store_unavailable(route: &str) -> Response<Body> {
     r
 }
 
+/// 503: every connection tollgate may open to the target stayed busy for the connect
+/// timeout (`max_connections_per_target`).
+pub fn upstream_saturated(route: &str) -> Response<Body> {
+    let mut r = problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream-busy",
+        "Every connection to the upstream is busy; try again shortly.",
+        &[("route", route.into())],
+    );
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
 /// 502: the upstream refused, reset or answered with something unusable.
 pub fn bad_gateway(detail: &str) -> Response<Body> {
     problem(StatusCode::BAD_GATEWAY, "bad-gateway", detail, &[])

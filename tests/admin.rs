@@ -112,8 +112,16 @@ async fn metrics_count_what_was_sent_by_route_and_decision() {
         get(&format!("tollgate_config_info{{hash=\"{hash}\"}}")),
         1.0
     );
-    // No client address or key ever becomes a label.
-    assert!(!String::from_utf8_lossy(&reply.body).contains("127.0.0.1"));
+    // No client address or key ever becomes a label (the upstream targets, from the config,
+    // label their health gauge).
+    let text = String::from_utf8_lossy(&reply.body);
+    assert!(
+        text.lines()
+            .filter(|l| !l.starts_with("tollgate_upstream_healthy{"))
+            .all(|l| !l.contains("127.0.0.1")),
+        "{text}"
+    );
+    assert!(text.contains("tollgate_upstream_healthy{upstream=\"api\",target=\"127.0.0.1:"));
     tg.stop().await;
 }
 

@@ -1482,8 +1482,11 @@ async fn clients_that_never_read_a_large_response_cost_little_and_give_it_back()
     let config = dir.path().join("proxy.toml");
     std::fs::write(
         &config,
-        config_with(&upstream.target(), "admin = \"127.0.0.1:0\"", OPEN_ROUTE)
-            .replace("timeout = \"5s\"", "timeout = \"60s\""),
+        // Every slow reader holds an upstream connection: the cap is raised past them.
+        config_with(&upstream.target(), "admin = \"127.0.0.1:0\"", OPEN_ROUTE).replace(
+            "timeout = \"5s\"",
+            "timeout = \"60s\"\nmax_connections_per_target = 2000",
+        ),
     )
     .unwrap();
     // tollgate inherits the raised limit from this process.

@@ -1,8 +1,9 @@
 //! Upstream target health end to end: a target that refuses connections is ejected (its
 //! request sent to the other target, nothing lost), active health checks take a failing target
 //! out of round robin and bring it back, every target is still tried when none is healthy, a
-//! request that reached a target is never sent to another, and `tollgate_upstream_healthy`,
-//! `/v1/status` and the log follow each transition.
+//! request that reached a target is never sent to another, `tollgate_upstream_healthy`,
+//! `/v1/status` and the log follow each transition, and `max_connections_per_target` caps
+//! the connections open to a target (a request past it waits, then gets 503).
 
 mod common;
 
@@ -27,6 +28,7 @@ struct Target {
     healthy: Arc<AtomicBool>,
     served: Arc<AtomicUsize>,
     checks: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
 }
 
 async fn target() -> Target {
@@ -35,9 +37,16 @@ async fn target() -> Target {
     let healthy = Arc::new(AtomicBool::new(true));
     let served = Arc::new(AtomicUsize::new(0));
     let checks = Arc::new(AtomicUsize::new(0));
-    let (h, s, c) = (healthy.clone(), served.clone(), checks.clone());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (h, s, c, n) = (
+        healthy.clone(),
+        served.clone(),
+        checks.clone(),
+        accepted.clone(),
+    );
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            n.fetch_add(1, Ordering::SeqCst);
             let (h, s, c) = (h.clone(), s.clone(), c.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |r: Request<Incoming>| {
@@ -51,6 +60,10 @@ async fn target() -> Target {
                             }
                         } else {
                             s.fetch_add(1, Ordering::SeqCst);
+                            if let Some(ms) = r.uri().path().strip_prefix("/slow/") {
+                                let ms = ms.parse().unwrap_or(0);
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
                         }
                         Ok::<_, Infallible>(response)
                     }
@@ -66,6 +79,7 @@ async fn target() -> Target {
         healthy,
         served,
         checks,
+        accepted,
     }
 }
 
@@ -263,5 +277,61 @@ async fn a_request_that_reached_a_target_is_never_sent_to_another() {
         0,
         "not retried once sent"
     );
+    tollgate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_connection_cap_waits_then_gets_503() {
+    let t = target().await;
+    let cap = "max_connections_per_target = 2";
+    let text = config(&[t.addr], cap)
+        .replace("connect_timeout = \"500ms\"", "connect_timeout = \"300ms\"");
+    let tollgate = start_tollgate(&text).await;
+    let http = Http::new();
+    let url = format!("http://{}/slow/1000", tollgate.addr);
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move { http.get(&url, &[]).await.status })
+        })
+        .collect();
+    eventually(Duration::from_secs(5), || async {
+        t.served.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let third = http.get(&url, &[]).await;
+    let waited = started.elapsed();
+    assert_eq!(third.status, 503);
+    assert_eq!(third.header("retry-after"), Some("1"));
+    assert!(
+        waited >= Duration::from_millis(290),
+        "waited {waited:?} for a connection"
+    );
+    for h in held {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    assert_eq!(
+        t.accepted.load(Ordering::SeqCst),
+        2,
+        "never more than 2 connections"
+    );
+    tollgate.stop().await;
+
+    // Within the connect timeout, a request gets the connection another one frees.
+    let text =
+        config(&[t.addr], cap).replace("connect_timeout = \"500ms\"", "connect_timeout = \"2s\"");
+    let tollgate = start_tollgate(&text).await;
+    let url = format!("http://{}/slow/200", tollgate.addr);
+    let all: Vec<_> = (0..6)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move { http.get(&url, &[]).await.status })
+        })
+        .collect();
+    for h in all {
+        assert_eq!(h.await.unwrap(), 200, "waited for a free connection");
+    }
+    assert!(t.accepted.load(Ordering::SeqCst) <= 4, "2 more at most");
     tollgate.stop().await;
 }

@@ -88,6 +88,10 @@ pub enum UpstreamError {
     /// The TLS handshake failed (a certificate that does not verify, an alert).
     #[error("TLS handshake: {0}")]
     Tls(String),
+    /// `max_connections_per_target` HTTP/1.1 connections were busy for the whole
+    /// `connect_timeout`.
+    #[error("all {0} connections to the target stayed busy for {1:?}")]
+    Saturated(usize, Duration),
     /// `protocol = "h2"` and the target did not choose `h2` in ALPN.
     #[error("the target did not agree to HTTP/2 in ALPN")]
     NoH2,
@@ -100,6 +104,43 @@ pub enum UpstreamError {
 struct Conn {
     sender: SendRequest<RequestBody>,
     task: AbortHandle,
+    /// Its place among the target's open connections.
+    _slot: Option<Slot>,
+}
+
+/// The HTTP/1.1 connections open to one target, at most `max` (`max_connections_per_target`).
+struct Cap {
+    open: AtomicUsize,
+    max: usize,
+    /// Woken when a connection closes or goes back to the idle set.
+    freed: tokio::sync::Notify,
+}
+
+impl Cap {
+    fn try_take(self: &Arc<Self>) -> Option<Slot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.clone()))
+    }
+}
+
+/// One open connection's place under the [`Cap`]; given back when the connection is dropped.
+struct Slot(Arc<Cap>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
+}
+
+/// What a request waiting for an HTTP/1.1 connection gets.
+enum Acquired {
+    Idle(Conn),
+    New(Slot),
 }
 
 impl Conn {
@@ -199,6 +240,7 @@ pub struct TargetPool {
     dial: Dial,
     /// Idle connections kept at most (`max_connections_per_target`).
     max_idle: usize,
+    cap: Arc<Cap>,
     /// Oldest at the front, newest at the back.
     idle: Mutex<VecDeque<Idle>>,
     /// The HTTP/2 connections (usually one).
@@ -225,6 +267,11 @@ impl TargetPool {
             address,
             dial,
             max_idle,
+            cap: Arc::new(Cap {
+                open: AtomicUsize::new(0),
+                max: max_idle,
+                freed: tokio::sync::Notify::new(),
+            }),
             idle: Mutex::new(VecDeque::new()),
             h2: Mutex::new(Vec::new()),
             dialing: tokio::sync::Mutex::new(()),
@@ -262,6 +309,34 @@ impl TargetPool {
             conn,
             since: Instant::now(),
         });
+        drop(idle);
+        self.cap.freed.notify_one();
+    }
+
+    /// An idle connection, or a place for a new one, waiting up to the connect timeout while
+    /// all `max_connections_per_target` are busy.
+    async fn acquire(&self) -> Result<Acquired, UpstreamError> {
+        let timeout = self.dial.connect_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let freed = self.cap.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(conn) = self.checkout() {
+                return Ok(Acquired::Idle(conn));
+            }
+            if let Some(slot) = self.cap.try_take() {
+                return Ok(Acquired::New(slot));
+            }
+            // Idle connections the target closed still hold places: let them go.
+            self.lock().retain(|e| !e.conn.sender.is_closed());
+            if let Some(slot) = self.cap.try_take() {
+                return Ok(Acquired::New(slot));
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(UpstreamError::Saturated(self.cap.max, timeout));
+            }
+        }
     }
 
     /// Closes the connections idle for [`IDLE_TIMEOUT`] (they sit at the front).
@@ -316,13 +391,15 @@ impl TargetPool {
         })?
     }
 
-    /// A new HTTP/1.1 connection.
-    async fn connect(&self) -> Result<Conn, UpstreamError> {
+    /// A new HTTP/1.1 connection, holding `slot` among the target's open ones.
+    async fn connect(&self, slot: Option<Slot>) -> Result<Conn, UpstreamError> {
         // Boxed: a TLS handshake's state is large, and every request's future would carry it.
-        match Box::pin(self.open(true)).await? {
-            Transport::Plain(s) => h1_handshake(s).await,
-            Transport::Tls(s) => h1_handshake(*s).await,
-        }
+        let mut conn = match Box::pin(self.open(true)).await? {
+            Transport::Plain(s) => h1_handshake(s).await?,
+            Transport::Tls(s) => h1_handshake(*s).await?,
+        };
+        conn._slot = slot;
+        Ok(conn)
     }
 
     /// Whether requests to this target go over HTTP/2; an `auto` TLS target's first
@@ -341,10 +418,11 @@ impl TargetPool {
                 self.lock_h2().push(conn);
                 self.settled.store(SETTLED_H2, Ordering::Release);
             } else {
-                let conn = match transport {
+                let mut conn = match transport {
                     Transport::Plain(s) => h1_handshake(s).await?,
                     Transport::Tls(s) => h1_handshake(*s).await?,
                 };
+                conn._slot = self.cap.try_take();
                 self.put(conn);
                 self.settled.store(SETTLED_H1, Ordering::Release);
             }
@@ -557,18 +635,24 @@ impl TargetPool {
         let watch = request.body().watch().clone();
         let mut pooled = self.checkout();
         loop {
-            let reused = pooled.is_some();
-            let mut conn = match pooled.take() {
-                Some(c) => c,
-                None => match self.connect().await {
-                    Ok(c) => c,
-                    Err(error) => {
-                        return Err(SendError {
-                            error,
-                            unsent: Some(request),
-                        });
-                    }
-                },
+            let acquired = match pooled.take() {
+                Some(c) => Ok(Acquired::Idle(c)),
+                None => self.acquire().await,
+            };
+            let reused = matches!(acquired, Ok(Acquired::Idle(_)));
+            let connected = match acquired {
+                Ok(Acquired::Idle(c)) => Ok(c),
+                Ok(Acquired::New(slot)) => self.connect(Some(slot)).await,
+                Err(e) => Err(e),
+            };
+            let mut conn = match connected {
+                Ok(c) => c,
+                Err(error) => {
+                    return Err(SendError {
+                        error,
+                        unsent: Some(request),
+                    });
+                }
             };
             // A pooled sender is ready once its connection has finished the previous exchange;
             // a closed one errors here and a fresh connection is used.
@@ -818,6 +902,7 @@ where
     Ok(Conn {
         sender,
         task: task.abort_handle(),
+        _slot: None,
     })
 }
 
@@ -894,9 +979,9 @@ mod tests {
             2,
         ));
         let conns = [
-            pool.connect().await.unwrap(),
-            pool.connect().await.unwrap(),
-            pool.connect().await.unwrap(),
+            pool.connect(None).await.unwrap(),
+            pool.connect(None).await.unwrap(),
+            pool.connect(None).await.unwrap(),
         ];
         until("three connections open", || {
             open.load(Ordering::SeqCst) == 3
