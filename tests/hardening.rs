@@ -1482,10 +1482,12 @@ async fn clients_that_never_read_a_large_response_cost_little_and_give_it_back()
     let config = dir.path().join("proxy.toml");
     std::fs::write(
         &config,
-        // Every slow reader holds an upstream connection: the cap is raised past them.
+        // Every slow reader holds an upstream connection: the cap is raised past them, and
+        // the connect timeout too (1,500 connects at once on a loaded 2-core machine may see
+        // a SYN retransmitted after 1 s; a 502 would leave the test waiting for its request).
         config_with(&upstream.target(), "admin = \"127.0.0.1:0\"", OPEN_ROUTE).replace(
             "timeout = \"5s\"",
-            "timeout = \"60s\"\nmax_connections_per_target = 2000",
+            "timeout = \"60s\"\nconnect_timeout = \"10s\"\nmax_connections_per_target = 2000",
         ),
     )
     .unwrap();
