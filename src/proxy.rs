@@ -316,7 +316,10 @@ pub async fn forward(
                 Some(other) => {
                     tracing::debug!(failed = %upstream.targets[target].authority, retry = %upstream.targets[other].authority, "upstream target unreachable; sending to another");
                     used = other;
-                    pools[other].send(request).await.map_err(|e| e.error)
+                    // Boxed: the rare second attempt must not double every request's future.
+                    Box::pin(pools[other].send(request))
+                        .await
+                        .map_err(|e| e.error)
                 }
                 None => Err(first),
             },

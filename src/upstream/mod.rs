@@ -637,7 +637,9 @@ impl TargetPool {
         loop {
             let acquired = match pooled.take() {
                 Some(c) => Ok(Acquired::Idle(c)),
-                None => self.acquire().await,
+                // Boxed, as the dial paths are: its timer and waker stay out of every
+                // request's future (needed only when no idle connection is at hand).
+                None => Box::pin(self.acquire()).await,
             };
             let reused = matches!(acquired, Ok(Acquired::Idle(_)));
             let connected = match acquired {
