@@ -13,6 +13,9 @@ RUN cargo build --release --locked --bin tollgate \
  && strip target/release/tollgate
 
 FROM debian:bookworm-slim
+# The system roots that https:// upstreams are verified against when they name no tls.ca.
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin tollgate \
  && mkdir -p /etc/tollgate
 COPY --from=build /src/target/release/tollgate /usr/local/bin/tollgate
