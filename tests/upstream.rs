@@ -15,7 +15,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
+use common::grpc_codec::Raw;
 use common::pki::{Pki, Usage};
 use common::reach::{Origin, expired_server, foreign_server};
 use common::*;
@@ -24,8 +25,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::HandshakeKind;
 use tokio::net::TcpStream;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::{Code, Status};
+use tonic::Code;
 
 /// Upper bound for any single exchange in these tests.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -113,40 +113,6 @@ async fn h2_get(
     })
     .await
     .expect("a response within the timeout")
-}
-
-/// Messages as raw bytes: the tests need gRPC framing, trailers and statuses, not protobuf.
-#[derive(Clone, Copy)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
 }
 
 type Grpc = tonic::client::Grpc<tonic::transport::Channel>;

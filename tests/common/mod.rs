@@ -9,6 +9,7 @@
 //! - [`Http`]: a small keep-alive client.
 #![allow(dead_code)]
 
+pub mod grpc_codec;
 pub mod origins;
 pub mod parse;
 pub mod pki;
