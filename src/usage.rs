@@ -108,7 +108,7 @@ enum Number {
 /// One JSON text, scanned for its top-level `usage.<field>`.
 #[derive(Clone)]
 struct Json {
-    field: &'static [u8],
+    field: Field,
     /// Containers open (objects and arrays alike).
     depth: u32,
     /// The top-level value is an object.
@@ -134,7 +134,7 @@ struct Json {
 impl Json {
     fn new(field: Field) -> Json {
         Json {
-            field: field.key().as_bytes(),
+            field,
             depth: 0,
             top_object: false,
             in_usage: false,
@@ -151,11 +151,7 @@ impl Json {
     }
 
     fn reset(&mut self) {
-        *self = Json::new(match self.field {
-            b"total_tokens" => Field::Total,
-            b"prompt_tokens" => Field::Prompt,
-            _ => Field::Completion,
-        });
+        *self = Json::new(self.field);
     }
 
     /// The object level the scanner follows at the current depth: 0 for the top-level
@@ -347,7 +343,7 @@ impl Json {
         let name = (self.key_len != usize::MAX).then(|| &self.key[..self.key_len]);
         self.member[level] = match (level, name) {
             (0, Some(b"usage")) => Member::Usage,
-            (1, Some(n)) if n == self.field => Member::Field,
+            (1, Some(n)) if n == self.field.key().as_bytes() => Member::Field,
             _ => Member::Other,
         };
         if self.member[level] == Member::Field {
