@@ -14,9 +14,13 @@ on cpu0; wrk, the nginx upstream and Redis on cpu1) and an nginx baseline in the
    and tollgate's nolimit, memory and Redis token bucket rows, in rounds.
 5. jwt: a `jwt:sub`-keyed token bucket with a hot set of 1,000 valid RS256 tokens (signed here
    with the test fixture key; needs the Python `cryptography` package), next to no limit.
+7. response: limits that see the response, on Redis.
+8. telemetry: no limit with `[telemetry]` at sample_ratio 0 and 1 (spans posted to the nginx
+   upstream, which answers 200), and at 1 with a black-hole collector (a socket of this script
+   that accepts nothing), next to tollgate's no-limit row: throughput and p99.
 
 Loopback only; every process started here is stopped by its PID (process group) at the end.
-Usage: bench/extra.py [--seconds 60] [--out FILE] [--only keys10k,flood,conns5000,consumers,jwt,traefik,response]
+Usage: bench/extra.py [--seconds 60] [--out FILE] [--only keys10k,flood,conns5000,consumers,jwt,traefik,response,telemetry]
                       [--rounds 3]
 (prints Markdown; --out also writes it)
 """
@@ -35,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BIN = os.path.join(ROOT, "target", "release", "tollgate")
 HOST = "127.0.0.1"
-UP, NGX, TG, REDIS, TRAEFIK = 18280, 18281, 18290, 18279, 18295
+UP, NGX, TG, REDIS, TRAEFIK, BLACKHOLE = 18280, 18281, 18290, 18279, 18295, 18296
 
 
 def start(cmd, cpu, **kw):
@@ -114,7 +118,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--out")
-    ap.add_argument("--only", default="keys10k,flood,conns5000,consumers,jwt,traefik,response")
+    ap.add_argument("--only", default="keys10k,flood,conns5000,consumers,jwt,traefik,response,telemetry")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the wrk-script sections")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -151,9 +155,10 @@ http {{ access_log off; keepalive_requests 10000000;
         wait_port(UP)
         wait_port(REDIS)
 
-        def tollgate(mode):
+        def tollgate(mode, env=None):
             p = start([os.path.join(HERE, "row.sh"), mode, str(TG), f"{HOST}:{UP}",
-                       f"redis://{HOST}:{REDIS}/", work], 0)
+                       f"redis://{HOST}:{REDIS}/", work], 0,
+                      env=dict(os.environ, **(env or {})))
             wait_port(TG)
             return p
 
@@ -217,6 +222,26 @@ http {{ access_log off; keepalive_requests 10000000;
                 to_nolimit = median([a[0] / b[0] for a, b in zip(runs[i], runs[1])])
                 lines.append(f"| {label} | {rps:.0f} | {p99:.2f} | {to_nginx:.2f} | {to_nolimit:.2f} | {non} |")
             lines.append("")
+
+        # 8. OpenTelemetry traces: the cost of sampling nothing, everything, and a dead collector
+        if "telemetry" in only:
+            # The black hole: a listening socket that never accepts (connections wait in its
+            # backlog), so every export waits out its timeout.
+            hole = socket.socket()
+            hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            hole.bind((HOST, BLACKHOLE))
+            hole.listen(64)
+            try:
+                scripted_rows("### OpenTelemetry traces (no limit, memory store)",
+                              "wrk -t1 -c64 -d8s. Two spans a sampled request (the request and its upstream call; no limit, so no "
+                              "decision span), batched up to 512 a POST to the nginx upstream, which answers 200.",
+                              None,
+                              [("tollgate trace0 (sample_ratio = 0)", "trace0"),
+                               ("tollgate trace1 (sample_ratio = 1)", "trace1")],
+                              [("tollgate trace1, black-hole collector", lambda: tollgate(
+                                  "trace1", {"TRACE_ENDPOINT": f"http://{HOST}:{BLACKHOLE}"}), TG)])
+            finally:
+                hole.close()
 
         # 7. limits that see the response, on Redis
         if "response" in only:

@@ -2,11 +2,13 @@
 # One tollgate row for ../shared/bench/peers.py: writes a config for MODE and runs release
 # tollgate in the foreground with one worker thread (the nginx and HAProxy rows use one too).
 #   bench/row.sh MODE LISTEN_PORT UPSTREAM REDIS_URL TMPDIR
-# MODE: nolimit | memory | memory_consumers | memory_keys100k | memory_jwt | redis_tb | redis_gcra | redis_tb_10k | redis_count | redis_count_refund | redis_concurrency | redis_batch | flood_memory | flood_redis
+# MODE: nolimit | trace0 | trace1 | memory | memory_consumers | memory_keys100k | memory_jwt | redis_tb | redis_gcra | redis_tb_10k | redis_count | redis_count_refund | redis_concurrency | redis_batch | flood_memory | flood_redis
 # memory_consumers: 100,000 consumers (keys key-1 .. key-100000 in x-api-key), a consumer-keyed
 # token bucket on the memory store; memory_keys100k: the same bucket keyed by the raw header
 # (the store's share of that row's cost, without the consumer lookup); memory_jwt: a token
 # bucket keyed by jwt:sub, RS256 tokens verified against the test fixture's JWKS.
+# trace0 / trace1: no limit, with [telemetry] at sample_ratio 0 / 1, spans sent to
+# TRACE_ENDPOINT (default: the upstream nginx, which answers every POST with 200).
 set -euo pipefail
 mode=$1 port=$2 upstream=$3 redis_url=$4 dir=$5
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,6 +25,13 @@ pool_size = ${POOL_SIZE:-4}"
 
 case $mode in
   nolimit)      store=$store_memory; limits='' ;;
+  trace0|trace1)
+    store="$store_memory
+
+[telemetry]
+otlp_endpoint = \"${TRACE_ENDPOINT:-http://$upstream}\"
+sample_ratio = ${mode#trace}"
+    limits='' ;;
   memory)       store=$store_memory; limits='limits = [{ by = "ip", algorithm = "token_bucket", rate = "1000000000/s", burst = 1000000000 }]' ;;
   memory_consumers)
     store="$store_memory

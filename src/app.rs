@@ -11,6 +11,8 @@ use crate::config::{self, ConfigErrors};
 use crate::limiter::{Limiter, Store, StoreError};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::policy::{Policy, RedisSettings, StoreSettings};
+use crate::telemetry::Tracer;
+use crate::telemetry::export::Exporter;
 use crate::tls::{self, TlsError};
 use crate::upstream::tls::{self as upstream_tls, UpstreamTlsError};
 use crate::upstream::{Dial, Pools, TargetPool};
@@ -25,6 +27,8 @@ pub struct Runtime {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// `[upstream index][target index]`: the connection pool of each target.
     pub upstream_pools: Vec<Vec<Arc<TargetPool>>>,
+    /// Sampler and span exporter, with `[telemetry]`.
+    pub tracer: Option<Tracer>,
 }
 
 /// Why a policy could not be put into service.
@@ -80,7 +84,7 @@ impl App {
     pub fn new(policy: Policy, config_path: Option<PathBuf>) -> Result<App, BuildError> {
         let metrics = Metrics::new();
         let pools = Pools::default();
-        let runtime = Runtime::build(policy, &metrics, &pools, None)?;
+        let runtime = Runtime::build(policy, &metrics, &pools, None, None)?;
         metrics.config_loaded(&runtime.policy.source_hash);
         Ok(App {
             current: ArcSwap::from_pointee(runtime),
@@ -127,7 +131,12 @@ impl App {
             },
             _ => None,
         };
-        let runtime = Runtime::build(policy, &self.metrics, &self.pools, reuse)?;
+        // The exporter (its queue and connection) is kept while spans go to the same place.
+        let exporter = match (&old.tracer, &policy.telemetry) {
+            (Some(t), Some(settings)) if t.exporter.sends_to(settings) => Some(t.exporter.clone()),
+            _ => None,
+        };
+        let runtime = Runtime::build(policy, &self.metrics, &self.pools, reuse, exporter)?;
         self.metrics.config_loaded(&runtime.policy.source_hash);
         self.current.store(Arc::new(runtime));
         Ok(())
@@ -171,6 +180,9 @@ pub fn check_files(policy: &Policy) -> Result<(), BuildError> {
         crate::limiter::redis::tls_certificates(r)?;
     }
     upstream_connectors(policy)?;
+    if let Some(t) = &policy.telemetry {
+        crate::telemetry::export::connectors(t)?;
+    }
     Ok(())
 }
 
@@ -180,8 +192,19 @@ impl Runtime {
         metrics: &Metrics,
         pools: &Pools,
         store: Option<Arc<Store>>,
+        exporter: Option<Arc<Exporter>>,
     ) -> Result<Runtime, BuildError> {
         let connectors = upstream_connectors(&policy)?;
+        let tracer = match &policy.telemetry {
+            None => None,
+            Some(settings) => {
+                let exporter = match exporter {
+                    Some(e) => e,
+                    None => Exporter::start(settings, metrics.traces.clone())?,
+                };
+                Some(Tracer::new(settings, exporter))
+            }
+        };
         pools.prune();
         let upstream_pools = policy
             .upstreams
@@ -223,6 +246,7 @@ impl Runtime {
             route_metrics,
             tls,
             upstream_pools,
+            tracer,
         })
     }
 }

@@ -20,7 +20,8 @@
 //! - [`settle`]: what the response settles (`count`, `cost_from`, concurrency slots, held
 //!   requests), at its head or at the end of its body; [`usage`] reads the token figure an
 //!   OpenAI-compatible body reports, as it streams.
-//! - [`metrics`] and [`logging`]: recorded once per request at the end of the pipeline.
+//! - [`metrics`] and [`logging`]: recorded once per request at the end of the pipeline;
+//!   [`telemetry`]: its trace spans (request, decision, upstream), exported over OTLP.
 //!
 //! Around them: [`config`] parses and validates proxy.toml into a typed [`policy::Policy`];
 //! [`app`] holds the policy in force with its store and swaps it whole on reload; [`reload`]
@@ -56,6 +57,7 @@ pub mod response;
 pub mod route;
 pub mod server;
 pub mod settle;
+pub mod telemetry;
 pub mod timeouts;
 pub mod tls;
 pub mod upstream;
@@ -93,7 +95,14 @@ pub async fn run(
         ));
     }
     tokio::spawn(reload::watch(app.clone(), until_stopped(stopped.clone())));
-    server::serve(app, listener, shutdown).await;
+    server::serve(app.clone(), listener, shutdown).await;
+    // The spans of the last requests go out before the process ends.
+    if let Some(tracer) = &app.runtime().tracer {
+        tracer
+            .exporter
+            .flush(std::time::Duration::from_secs(2))
+            .await;
+    }
     let _ = stop.send(true);
 }
 

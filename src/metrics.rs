@@ -98,6 +98,8 @@ pub struct Metrics {
     pub leased: Counter,
     pub circuit_open: Gauge,
     upstream_healthy: Family<Labels2, Gauge>,
+    /// What the trace exporter sent and dropped.
+    pub traces: crate::telemetry::export::ExportMetrics,
     /// The last reload: whether it was taken, and when (Unix seconds); for `/v1/status`.
     last_reload: Mutex<Option<(bool, u64)>>,
 }
@@ -210,6 +212,23 @@ impl Metrics {
             "Requests answered before routing, by status",
             unrouted.clone(),
         );
+        let dropped = Family::<Labels1, Counter>::default();
+        registry.register(
+            "tollgate_trace_spans_dropped",
+            "Spans dropped: the export queue was full (queue_full), or the collector failed or did not answer in time (export_failed)",
+            dropped.clone(),
+        );
+        let reason = |r: &str| dropped.get_or_create_owned(&[("reason", r.to_string())]);
+        let traces = crate::telemetry::export::ExportMetrics {
+            exported: Counter::default(),
+            queue_full: reason("queue_full"),
+            export_failed: reason("export_failed"),
+        };
+        registry.register(
+            "tollgate_trace_spans_exported",
+            "Spans the OTLP collector accepted",
+            traces.exported.clone(),
+        );
         // Both results exist from the start, so a dashboard sees 0 rather than no series.
         for result in ["ok", "failed"] {
             let _ = reloads.get_or_create(&[("result", result.to_string())]);
@@ -230,6 +249,7 @@ impl Metrics {
             leased,
             circuit_open,
             upstream_healthy,
+            traces,
             last_reload: Mutex::new(None),
         }
     }

@@ -29,6 +29,7 @@ use crate::proxy::{self, ProxyError};
 use crate::response::{self, Body};
 use crate::route::RequestView;
 use crate::settle::{Pending, Settled};
+use crate::telemetry::{self, RequestTrace};
 use crate::upstream::PooledBody;
 
 /// What the limiter (or an access rule before it) said about one request.
@@ -113,6 +114,8 @@ struct Trail<'r> {
     verdict: Option<Verdict>,
     /// The plan whose limits applied.
     plan: Option<PlanId>,
+    /// The request's trace, with `[telemetry]`.
+    trace: Option<RequestTrace>,
 }
 
 /// Handles one request end to end. Never fails: every failure is a response by now.
@@ -122,7 +125,13 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
     let rt = app.runtime();
     let started = Instant::now();
     let mut access = Access::begin(&request, conn, rt.policy.server.access_log);
-    let mut trail = Trail::default();
+    let mut trail = Trail {
+        trace: rt
+            .tracer
+            .as_ref()
+            .map(|t| t.start(request.headers(), started)),
+        ..Trail::default()
+    };
     let grpc = response::is_grpc(request.headers());
 
     let mut response = match phases(&rt, conn, request, &mut trail, &mut access).await {
@@ -132,6 +141,13 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
 
     // Recorded once, from the final response.
     let status = response.status().as_u16();
+    let outcome = trail.verdict.as_ref().map(Verdict::outcome);
+    if let (Some(tracer), Some(mut trace)) = (&rt.tracer, trail.trace.take()) {
+        if let Some(outcome) = outcome {
+            trace.decided(outcome.as_str());
+        }
+        tracer.finish(trace, status, Instant::now());
+    }
     let Some((index, route)) = trail.route else {
         app.metrics
             .unrouted
@@ -150,7 +166,6 @@ pub async fn handle(app: &App, conn: &ConnInfo, request: Request<Incoming>) -> R
         );
     }
     let route_metrics = &rt.route_metrics[index];
-    let outcome = trail.verdict.as_ref().map(Verdict::outcome);
     if let Some(outcome) = outcome {
         route_metrics.decision(outcome);
     }
@@ -172,6 +187,9 @@ async fn phases<'r>(
     }
     framing::check(request.version(), request.headers()).map_err(Exit::Malformed)?;
     let (mut parts, body) = request.into_parts();
+    if let Some(t) = trail.trace.as_mut() {
+        t.head(&parts);
+    }
     framing::check_target(&parts, rt.policy.server.escaped_slashes).map_err(Exit::Malformed)?;
     select_host(&mut parts);
 
@@ -181,6 +199,9 @@ async fn phases<'r>(
         .ok_or(Exit::NoRoute)?;
     trail.route = Some((index, route));
     access.set_route(&route.name);
+    if let Some(t) = trail.trace.as_mut() {
+        t.route(&route.name);
+    }
 
     // A body that says up front it is too large is refused before it costs any budget.
     let max_body = rt.policy.server.max_body;
@@ -205,6 +226,14 @@ async fn phases<'r>(
     });
     let who = consumers.map_or_else(Resolved::default, |c| c.resolve(&parts, token.as_ref()));
     trail.plan = who.plan;
+    if let Some(t) = trail.trace.as_mut() {
+        t.client(client);
+        let plan = who
+            .plan
+            .zip(consumers)
+            .map(|(p, c)| &c.plans[usize::from(p)]);
+        t.consumer(who.name, plan);
+    }
     let verdict = match route.access(client, &who, consumers) {
         Admission::Denied => Verdict::Denied,
         Admission::Bypassed => Verdict::Bypassed,
@@ -214,7 +243,13 @@ async fn phases<'r>(
                 Some(Ok(claims)) => Some(&**claims),
                 _ => None,
             };
-            decide(rt, index, &parts, client, &who, claims).await
+            let sampled = trail.trace.as_ref().is_some_and(RequestTrace::sampled);
+            let asked = sampled.then(Instant::now);
+            let verdict = decide(rt, index, &parts, client, &who, claims).await;
+            if let (Some(asked), Some(t)) = (asked, trail.trace.as_mut()) {
+                decision_span(t, asked, &verdict, rt.limiter.store().backend_name());
+            }
+            verdict
         }
     };
     let stop = match &verdict {
@@ -256,10 +291,19 @@ async fn phases<'r>(
         p.forwarded();
     }
 
+    let traceparent = trail.trace.as_mut().map(RequestTrace::upstream_traceparent);
     let upstream_started = Instant::now();
     let version = parts.version;
-    let forwarded = forward(rt, route, conn, parts, body, &who).await;
+    let forwarded = forward(rt, route, conn, parts, body, &who, traceparent).await;
     let elapsed = upstream_started.elapsed();
+    if let Some(t) = trail.trace.as_mut().filter(|t| t.sampled()) {
+        let result = match &forwarded {
+            Ok(response) => Ok(response.status().as_u16()),
+            Err(e) => Err(e.to_string()),
+        };
+        let ended = upstream_started + elapsed;
+        t.upstream_span(upstream_started, ended, &route.upstream.name, result);
+    }
     rt.route_metrics[index]
         .upstream_duration
         .observe(elapsed.as_secs_f64());
@@ -287,6 +331,23 @@ async fn phases<'r>(
         .then(|| conn.writes.clone())
         .flatten();
     Ok(response.map(|b| Either::Left(Settled::new(b.paced_by(pace), pending))))
+}
+
+/// The store decision's span (none for a route without limits for the request).
+fn decision_span(t: &mut RequestTrace, asked: Instant, verdict: &Verdict, store: &'static str) {
+    let (limits, error) = match verdict {
+        Verdict::Admitted(items, _) | Verdict::Rejected(items, _) => (items.len(), None),
+        Verdict::StoreFailed(_) => (0, Some("the store failed or did not answer in time".into())),
+        _ => return,
+    };
+    t.decision_span(
+        asked,
+        Instant::now(),
+        store,
+        verdict.outcome().as_str(),
+        limits,
+        error,
+    );
 }
 
 /// The status tollgate answers a failed forward with (what a `count` limit sees).
@@ -505,6 +566,7 @@ async fn forward(
     mut parts: Parts,
     body: Incoming,
     who: &Resolved<'_>,
+    traceparent: Option<HeaderValue>,
 ) -> Result<Response<PooledBody>, ProxyError> {
     let server = &rt.policy.server;
     // The received Host as is (a refcount, no copy); HTTP/2 carries it as :authority.
@@ -520,6 +582,11 @@ async fn forward(
     proxy::strip_hop_by_hop(&mut parts.headers, upgrade, &rt.policy.key_headers);
     // After the hop-by-hop pass: a `Connection` nomination cannot remove what tollgate sets.
     proxy::set_consumer_headers(&mut parts.headers, rt.policy.consumers.as_ref(), who);
+    if let Some(traceparent) = traceparent {
+        // The client's own `traceparent` (continued in ours) gives way to the one naming
+        // tollgate's upstream span.
+        parts.headers.insert(&telemetry::TRACEPARENT, traceparent);
+    }
     // The upstream request's framing is hyper's, computed from the body: never the client's.
     parts.headers.remove(header::CONTENT_LENGTH);
     proxy::set_forwarding_headers(

@@ -33,6 +33,8 @@ pub struct Policy {
     pub consumers: Option<Consumers>,
     /// `[jwt]`, when configured.
     pub jwt: Option<crate::jwt::Jwt>,
+    /// `[telemetry]`, when configured: where traces go, and how many.
+    pub telemetry: Option<crate::telemetry::Settings>,
     /// Other files the policy was read from (the consumers file), with the content hash that
     /// was loaded: the reload watcher reloads when one changes.
     pub also_read: Vec<(PathBuf, String)>,

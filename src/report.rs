@@ -100,6 +100,16 @@ fn describe_limit(l: &Limit, spec: &KeySpec) -> String {
 }
 
 /// The summary of a valid policy.
+/// A ratio as a percentage without needless digits: 0.05 → "5 %", 0.125 → "12.5 %".
+fn percent(ratio: f64) -> String {
+    let p = ratio * 100.0;
+    if (p - p.round()).abs() < 1e-9 {
+        format!("{} %", p.round())
+    } else {
+        format!("{} %", (p * 1000.0).round() / 1000.0)
+    }
+}
+
 pub fn summary(policy: &Policy, file: &str) -> String {
     let mut out = String::new();
     let s = &policy.server;
@@ -165,6 +175,15 @@ pub fn summary(policy: &Policy, file: &str) -> String {
             targets.join(", "),
             format_duration(u.connect_timeout),
             format_duration(u.timeout)
+        );
+    }
+    if let Some(t) = &policy.telemetry {
+        let _ = writeln!(
+            out,
+            "traces to {} as service {}, {} of new traces sampled (a caller's sampled flag is followed)",
+            t.url(),
+            t.service_name,
+            percent(t.sample_ratio)
         );
     }
     if let Some(jwt) = &policy.jwt {

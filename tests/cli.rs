@@ -360,3 +360,37 @@ fn check_and_explain_show_consumers_and_plans_never_keys() {
         "{unknown}"
     );
 }
+
+#[test]
+fn check_names_where_traces_go_and_refuses_an_unreadable_collector_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{VALID}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\nsample_ratio = 0.05\n"
+    );
+    let path = write(dir.path(), "proxy.toml", &text);
+    let out = tollgate()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(
+            "traces to http://127.0.0.1:4318/v1/traces as service tollgate, 5 % of new traces sampled"
+        ),
+        "{stdout}"
+    );
+    let text = format!(
+        "{VALID}\n[telemetry]\notlp_endpoint = \"https://otel.example\"\ntls_ca = \"missing-ca.pem\"\n"
+    );
+    let path = write(dir.path(), "proxy.toml", &text);
+    let out = tollgate()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("missing-ca.pem"), "{stderr}");
+}

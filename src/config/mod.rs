@@ -5,6 +5,7 @@ mod consumers;
 mod jwt;
 mod raw;
 mod syntax;
+mod telemetry;
 pub mod units;
 mod validate;
 

@@ -22,6 +22,16 @@ pub struct RawConfig {
     pub routes: Vec<S<RawRoute>>,
     pub consumers: Option<S<RawConsumers>>,
     pub jwt: Option<S<RawJwt>>,
+    pub telemetry: Option<S<RawTelemetry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub otlp_endpoint: S<String>,
+    pub service_name: Option<S<String>>,
+    pub sample_ratio: Option<S<f64>>,
+    pub tls_ca: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

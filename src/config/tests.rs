@@ -632,3 +632,62 @@ fn response_aware_limit_errors_point_at_the_key() {
         assert!(error.contains(wanted), "{limit}: {error}");
     }
 }
+
+#[test]
+fn telemetry_defaults_and_paths() {
+    let p = parse_str(&format!(
+        "{HEAD}[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\n"
+    ))
+    .unwrap();
+    let t = p.telemetry.expect("a [telemetry] table");
+    assert_eq!(t.url(), "http://127.0.0.1:4318/v1/traces");
+    assert_eq!(t.service_name, "tollgate");
+    assert_eq!(t.sample_ratio, 1.0);
+    // A path given is used as is; an integer ratio reads as a number.
+    let p = parse_str(&format!(
+        "{HEAD}[telemetry]\notlp_endpoint = \"https://otel.example:443/custom/traces\"\nsample_ratio = 0\ntls_ca = \"ca.pem\"\n"
+    ))
+    .unwrap();
+    let t = p.telemetry.unwrap();
+    assert_eq!(t.url(), "https://otel.example:443/custom/traces");
+    assert_eq!(t.sample_ratio, 0.0);
+    assert_eq!(t.ca.as_deref(), Some(Path::new("/etc/tollgate/ca.pem")));
+    assert!(parse_str(HEAD).unwrap().telemetry.is_none());
+}
+
+#[test]
+fn telemetry_errors_point_at_the_value() {
+    let table = |body: &str| error_of(&format!("{HEAD}[telemetry]\n{body}\n"));
+    assert_eq!(
+        table("otlp_endpoint = \"127.0.0.1:4318\""),
+        "6:17: invalid otlp_endpoint \"127.0.0.1:4318\": not a URL; expected an http:// or https:// URL, e.g. \"http://127.0.0.1:4318\""
+    );
+    assert_eq!(
+        table("otlp_endpoint = \"grpc://127.0.0.1:4317\""),
+        "6:17: invalid otlp_endpoint \"grpc://127.0.0.1:4317\": expected an http:// or https:// URL"
+    );
+    assert_eq!(
+        table("otlp_endpoint = \"http://127.0.0.1:4318/v1/traces?x=1\""),
+        "6:17: invalid otlp_endpoint \"http://127.0.0.1:4318/v1/traces?x=1\": a query string is not allowed; expected an http:// or https:// URL, e.g. \"http://127.0.0.1:4318\""
+    );
+    assert_eq!(
+        table("otlp_endpoint = \"http://127.0.0.1:4318\"\nsample_ratio = 1.5"),
+        "7:16: sample_ratio 1.5 is out of range; expected a number from 0 (no new traces) to 1 (every request)"
+    );
+    assert_eq!(
+        table("otlp_endpoint = \"http://127.0.0.1:4318\"\nsample_ratio = nan"),
+        "7:16: sample_ratio NaN is out of range; expected a number from 0 (no new traces) to 1 (every request)"
+    );
+    assert_eq!(
+        table("otlp_endpoint = \"http://127.0.0.1:4318\"\nservice_name = \" \""),
+        "7:16: service_name must not be empty"
+    );
+    assert_eq!(
+        table("otlp_endpoint = \"http://127.0.0.1:4318\"\ntls_ca = \"ca.pem\""),
+        "7:10: tls_ca needs an https:// otlp_endpoint"
+    );
+    assert!(
+        table("otlp_endpoint = \"http://127.0.0.1:4318\"\nsample = 1")
+            .starts_with("7:1: unknown field `sample`"),
+    );
+}

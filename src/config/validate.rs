@@ -155,6 +155,10 @@ pub fn validate(
         also_read.extend(file);
         Some(jwt)
     });
+    let telemetry = raw
+        .telemetry
+        .as_ref()
+        .and_then(|t| super::telemetry::telemetry(&mut v, t));
     if v.errors.is_empty() {
         let mut key_headers: Vec<HeaderName> = Vec::new();
         if let Some(crate::consumers::KeyFrom::Header(name)) = consumers.as_ref().map(|c| &c.key) {
@@ -179,6 +183,7 @@ pub fn validate(
             source_hash: super::source_hash(source.as_bytes()),
             consumers,
             jwt,
+            telemetry,
             also_read,
         })
     } else {
@@ -750,7 +755,7 @@ fn upstream_tls(v: &mut Validator, t: &RawUpstreamTls) -> UpstreamTls {
     }
 }
 
-fn parse_target(text: &str) -> Result<Target, String> {
+pub(super) fn parse_target(text: &str) -> Result<Target, String> {
     let bad = || {
         format!(
             "invalid target \"{text}\"; expected http://HOST:PORT or https://HOST:PORT, e.g. \"http://127.0.0.1:3000\""

@@ -552,29 +552,48 @@ impl TargetPool {
     /// An active health check: `GET path` on a connection of its own (closed afterwards), in
     /// the protocol the target speaks; the status it answered.
     pub async fn probe(&self, path: &PathAndQuery) -> Result<http::StatusCode, UpstreamError> {
+        self.one_shot(http::Method::GET, path, None).await
+    }
+
+    /// One request on a connection of its own (closed once the response head is in), in the
+    /// protocol the target speaks: health checks, and trace exports with `body` (its content
+    /// type and bytes). The status it answered.
+    pub async fn one_shot(
+        &self,
+        method: http::Method,
+        path: &PathAndQuery,
+        body: Option<(&'static str, Bytes)>,
+    ) -> Result<http::StatusCode, UpstreamError> {
         async fn over<T>(
             io: T,
             h2: bool,
             uri: Uri,
             host: &Authority,
+            method: http::Method,
+            body: Option<(&'static str, Bytes)>,
         ) -> Result<http::StatusCode, UpstreamError>
         where
             T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
         {
-            let body = http_body_util::Empty::<Bytes>::new();
+            let mut request = Request::builder().method(method);
+            if let Some((content_type, _)) = &body {
+                request = request.header(header::CONTENT_TYPE, *content_type);
+            }
+            let body = http_body_util::Full::new(body.map(|(_, b)| b).unwrap_or_default());
             let response = if h2 {
                 let (mut sender, conn) =
                     http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
                 let task = tokio::spawn(conn);
                 let r = sender
-                    .send_request(Request::get(uri).body(body).expect("a request"))
+                    .send_request(request.uri(uri).body(body).expect("a request"))
                     .await;
                 task.abort();
                 r?
             } else {
                 let (mut sender, conn) = http1::handshake(TokioIo::new(io)).await?;
                 let task = tokio::spawn(conn);
-                let request = Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+                let request = request
+                    .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
                     .header(header::HOST, host.as_str())
                     .header(header::CONNECTION, "close")
                     .body(body)
@@ -593,12 +612,12 @@ impl TargetPool {
         };
         let uri: Uri = format!("{scheme}://{}{path}", self.authority)
             .parse()
-            .map_err(|_| UpstreamError::Connect(std::io::Error::other("bad health check URI")))?;
+            .map_err(|_| UpstreamError::Connect(std::io::Error::other("bad request URI")))?;
         match Box::pin(self.open(!h2)).await? {
-            Transport::Plain(s) => over(s, h2, uri, &self.authority).await,
+            Transport::Plain(s) => over(s, h2, uri, &self.authority, method, body).await,
             Transport::Tls(s) => {
                 let h2 = h2 && s.get_ref().1.alpn_protocol() == Some(b"h2");
-                over(*s, h2, uri, &self.authority).await
+                over(*s, h2, uri, &self.authority, method, body).await
             }
         }
     }
