@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use http::{HeaderMap, HeaderValue};
 
 use crate::policy::Target;
-use context::{Parent, Sampler, SpanId, TraceId};
+use context::{Sampler, SpanId, TraceId};
 
 /// The `traceparent` header (W3C Trace Context).
 pub static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
@@ -71,24 +71,32 @@ impl Tracer {
         RequestTrace {
             trace_id,
             span_id: context::span_id(),
-            parent,
-            sampled,
-            started,
-            start_unix_nanos: if sampled { unix_nanos() } else { 0 },
             upstream_span: None,
-            spans: Vec::new(),
-            facts: Facts::default(),
+            recording: sampled.then(|| {
+                Box::new(Recording {
+                    remote_parent: parent.map(|p| p.span_id),
+                    started,
+                    start_unix_nanos: unix_nanos(),
+                    spans: Vec::new(),
+                    facts: Facts::default(),
+                })
+            }),
         }
     }
 
     /// Queues a finished request's spans for export (dropped and counted when the queue is
     /// full; never waits).
     pub fn finish(&self, trace: RequestTrace, status: u16, now: Instant) {
-        if !trace.sampled {
+        let Some(recording) = trace.recording else {
             return;
-        }
-        let mut spans = trace.spans;
-        let f = trace.facts;
+        };
+        let Recording {
+            remote_parent,
+            started,
+            start_unix_nanos,
+            mut spans,
+            facts: f,
+        } = *recording;
         let mut attributes = Vec::with_capacity(10);
         if let Some(method) = f.method {
             attributes.push(("http.request.method", Value::Str(method)));
@@ -121,12 +129,12 @@ impl Tracer {
         spans.push(SpanRecord {
             trace_id: trace.trace_id,
             span_id: trace.span_id,
-            parent: trace.parent.map(|p| p.span_id),
-            remote_parent: trace.parent.is_some(),
+            parent: remote_parent,
+            remote_parent: remote_parent.is_some(),
             name: "request",
             kind: Kind::Server,
-            start_unix_nanos: trace.start_unix_nanos,
-            end_unix_nanos: trace.start_unix_nanos + nanos_between(trace.started, now),
+            start_unix_nanos,
+            end_unix_nanos: start_unix_nanos + nanos_between(started, now),
             attributes,
             error: (status >= 500).then(|| format!("HTTP {status}")),
         });
@@ -150,24 +158,31 @@ struct Facts {
     plan: Option<Arc<str>>,
 }
 
-/// One request's place in its trace, and the spans it has finished so far.
+/// One request's place in its trace; when sampled, what it records.
 pub struct RequestTrace {
     trace_id: TraceId,
     /// The request span's id.
     span_id: SpanId,
-    parent: Option<Parent>,
-    sampled: bool,
-    started: Instant,
-    start_unix_nanos: u64,
     /// The upstream call's span id, once the request is forwarded.
     upstream_span: Option<SpanId>,
+    /// Only a sampled request records (boxed: an unsampled one stays a few words).
+    recording: Option<Box<Recording>>,
+}
+
+/// What a sampled request records as it goes.
+struct Recording {
+    /// The caller's span, from its `traceparent`.
+    remote_parent: Option<SpanId>,
+    started: Instant,
+    start_unix_nanos: u64,
+    /// The child spans finished so far.
     spans: Vec<SpanRecord>,
     facts: Facts,
 }
 
 impl RequestTrace {
     pub fn sampled(&self) -> bool {
-        self.sampled
+        self.recording.is_some()
     }
 
     pub fn trace_id(&self) -> &TraceId {
@@ -177,18 +192,18 @@ impl RequestTrace {
     /// The request's head as the request span reports it: method, path (never the query
     /// string, which may carry a key), host and protocol.
     pub fn head(&mut self, parts: &http::request::Parts) {
-        if !self.sampled {
+        let Some(r) = self.recording.as_deref_mut() else {
             return;
-        }
-        self.facts.method = Some(parts.method.as_str().into());
-        self.facts.path = Some(parts.uri.path().into());
-        self.facts.host = parts
+        };
+        r.facts.method = Some(parts.method.as_str().into());
+        r.facts.path = Some(parts.uri.path().into());
+        r.facts.host = parts
             .headers
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| parts.uri.authority().map(|a| a.as_str()))
             .map(Into::into);
-        self.facts.version = Some(match parts.version {
+        r.facts.version = Some(match parts.version {
             http::Version::HTTP_2 => "2",
             http::Version::HTTP_10 => "1.0",
             _ => "1.1",
@@ -196,27 +211,29 @@ impl RequestTrace {
     }
 
     pub fn route(&mut self, name: &Arc<str>) {
-        if self.sampled {
-            self.facts.route = Some(name.clone());
+        if let Some(r) = self.recording.as_deref_mut() {
+            r.facts.route = Some(name.clone());
         }
     }
 
     pub fn client(&mut self, ip: IpAddr) {
-        if self.sampled {
-            self.facts.client = Some(ip);
+        if let Some(r) = self.recording.as_deref_mut() {
+            r.facts.client = Some(ip);
         }
     }
 
     pub fn consumer(&mut self, name: Option<&str>, plan: Option<&Arc<str>>) {
-        if self.sampled {
-            self.facts.consumer = name.map(Into::into);
-            self.facts.plan = plan.cloned();
+        if let Some(r) = self.recording.as_deref_mut() {
+            r.facts.consumer = name.map(Into::into);
+            r.facts.plan = plan.cloned();
         }
     }
 
     /// The decision the request span reports (`allowed`, `rejected`, …).
     pub fn decided(&mut self, outcome: &'static str) {
-        self.facts.decision = Some(outcome);
+        if let Some(r) = self.recording.as_deref_mut() {
+            r.facts.decision = Some(outcome);
+        }
     }
 
     /// The store decision's span, from `start` to `end`.
@@ -229,7 +246,7 @@ impl RequestTrace {
         limits: usize,
         error: Option<String>,
     ) {
-        if !self.sampled {
+        if self.recording.is_none() {
             return;
         }
         let attributes = vec![
@@ -252,7 +269,7 @@ impl RequestTrace {
     /// (a fresh id for an unsampled trace too, so the upstream follows the decision).
     pub fn upstream_traceparent(&mut self) -> HeaderValue {
         let id = *self.upstream_span.get_or_insert_with(context::span_id);
-        let value = context::format_traceparent(&self.trace_id, &id, self.sampled);
+        let value = context::format_traceparent(&self.trace_id, &id, self.sampled());
         HeaderValue::from_bytes(&value).expect("hex and dashes")
     }
 
@@ -265,7 +282,7 @@ impl RequestTrace {
         upstream: &str,
         result: Result<u16, String>,
     ) {
-        let (Some(id), true) = (self.upstream_span, self.sampled) else {
+        let (Some(id), true) = (self.upstream_span, self.sampled()) else {
             return;
         };
         let mut attributes = vec![("tollgate.upstream", Value::Str(upstream.into()))];
@@ -295,11 +312,16 @@ impl RequestTrace {
         attributes: Vec<(&'static str, Value)>,
         error: Option<String>,
     ) {
-        let start_unix_nanos = self.start_unix_nanos + nanos_between(self.started, start);
-        self.spans.push(SpanRecord {
-            trace_id: self.trace_id,
+        let trace_id = self.trace_id;
+        let parent = self.span_id;
+        let Some(r) = self.recording.as_deref_mut() else {
+            return;
+        };
+        let start_unix_nanos = r.start_unix_nanos + nanos_between(r.started, start);
+        r.spans.push(SpanRecord {
+            trace_id,
             span_id,
-            parent: Some(self.span_id),
+            parent: Some(parent),
             remote_parent: false,
             name,
             kind,
