@@ -27,6 +27,8 @@ pub struct Runtime {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// `[upstream index][target index]`: the connection pool of each target.
     pub upstream_pools: Vec<Vec<Arc<TargetPool>>>,
+    /// `[upstream index][target index]`: its response-head time histogram.
+    pub target_durations: Vec<Vec<prometheus_client::metrics::histogram::Histogram>>,
     /// Sampler and span exporter, with `[telemetry]`.
     pub tracer: Option<Tracer>,
 }
@@ -229,6 +231,16 @@ impl Runtime {
                     .collect()
             })
             .collect();
+        let target_durations = policy
+            .upstreams
+            .iter()
+            .map(|u| {
+                u.targets
+                    .iter()
+                    .map(|t| metrics.target_duration(&u.name, t.authority.as_str()))
+                    .collect()
+            })
+            .collect();
         let tls = policy.server.tls.as_ref().map(tls::acceptor).transpose()?;
         let store = match store {
             Some(s) => s,
@@ -246,6 +258,7 @@ impl Runtime {
             route_metrics,
             tls,
             upstream_pools,
+            target_durations,
             tracer,
         })
     }

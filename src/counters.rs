@@ -299,7 +299,7 @@ pub fn status(rt: &Runtime, metrics: &crate::metrics::Metrics) -> Value {
             let p99 = crate::metrics::quantile(
                 &text,
                 "tollgate_upstream_duration_seconds",
-                ("route", &route.name),
+                &[("route", &route.name)],
                 0.99,
             );
             json!({
@@ -312,11 +312,12 @@ pub fn status(rt: &Runtime, metrics: &crate::metrics::Metrics) -> Value {
         })
         .collect();
     let store = rt.limiter.store();
+    let upstreams = upstreams_json(rt, &text);
     let backend = store.backend_name();
     let p99 = crate::metrics::quantile(
         &text,
         "tollgate_store_duration_seconds",
-        ("backend", backend),
+        &[("backend", backend)],
         0.99,
     );
     let last_reload = metrics
@@ -330,14 +331,14 @@ pub fn status(rt: &Runtime, metrics: &crate::metrics::Metrics) -> Value {
             "open_breakers": store.open_breakers(),
             "decision_p99_ms": p99.map(|s| s * 1000.0),
         },
-        "upstreams": upstreams_json(rt),
+        "upstreams": upstreams,
         "routes": routes,
     })
 }
 
-/// Every upstream with its targets and whether each gets requests (health checks, refused
-/// connections).
-fn upstreams_json(rt: &Runtime) -> Vec<Value> {
+/// Every upstream with its targets: whether each gets requests (health checks, refused
+/// connections), and its p99 time to a response head.
+fn upstreams_json(rt: &Runtime, text: &str) -> Vec<Value> {
     rt.policy
         .upstreams
         .iter()
@@ -348,9 +349,16 @@ fn upstreams_json(rt: &Runtime) -> Vec<Value> {
                 .iter()
                 .zip(pools)
                 .map(|(t, pool)| {
+                    let p99 = crate::metrics::quantile(
+                        text,
+                        "tollgate_upstream_target_duration_seconds",
+                        &[("upstream", &u.name), ("target", t.authority.as_str())],
+                        0.99,
+                    );
                     json!({
                         "target": format!("{}://{}", t.scheme, t.authority),
                         "healthy": pool.health.healthy(),
+                        "p99_ms": p99.map(|s| s * 1000.0),
                     })
                 })
                 .collect();

@@ -86,6 +86,7 @@ pub struct Metrics {
     requests: Family<Labels2, Counter>,
     responses: Family<Labels2, Counter>,
     upstream_duration: Family<Labels1, Histogram, fn() -> Histogram>,
+    target_duration: Family<Labels2, Histogram, fn() -> Histogram>,
     store_duration: Family<Labels1, Histogram, fn() -> Histogram>,
     pub in_flight: Gauge,
     pub open_connections: Gauge,
@@ -129,6 +130,14 @@ impl Metrics {
             Family::<Labels1, Histogram, fn() -> Histogram>::new_with_constructor(
                 upstream_histogram as fn() -> Histogram,
             );
+        let target_duration = Family::<Labels2, Histogram, fn() -> Histogram>::new_with_constructor(
+            upstream_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "tollgate_upstream_target_duration_seconds",
+            "Time to the response head of each upstream target",
+            target_duration.clone(),
+        );
         let store_duration = Family::<Labels1, Histogram, fn() -> Histogram>::new_with_constructor(
             store_histogram as fn() -> Histogram,
         );
@@ -238,6 +247,7 @@ impl Metrics {
             requests,
             responses,
             upstream_duration,
+            target_duration,
             store_duration,
             in_flight,
             open_connections,
@@ -252,6 +262,14 @@ impl Metrics {
             traces,
             last_reload: Mutex::new(None),
         }
+    }
+
+    /// The response-head time of one target of one upstream.
+    pub fn target_duration(&self, upstream: &str, target: &str) -> Histogram {
+        self.target_duration.get_or_create_owned(&[
+            ("upstream", upstream.to_string()),
+            ("target", target.to_string()),
+        ])
     }
 
     /// The health gauge of one target of one upstream.
@@ -342,11 +360,14 @@ impl Metrics {
 }
 
 /// The `q` quantile (0..1) of histogram `name` in rendered text, over the series whose label
-/// `label` is `value`, interpolated within its bucket as PromQL's `histogram_quantile` does;
-/// `None` before any observation. For `/v1/status`, never the hot path.
-pub fn quantile(text: &str, name: &str, (label, value): (&str, &str), q: f64) -> Option<f64> {
+/// labels are all `labels`, interpolated within its bucket as PromQL's `histogram_quantile`
+/// does; `None` before any observation. For `/v1/status`, never the hot path.
+pub fn quantile(text: &str, name: &str, labels: &[(&str, &str)], q: f64) -> Option<f64> {
     let prefix = format!("{name}_bucket{{");
-    let want = format!("{label}=\"{value}\"");
+    let wanted: Vec<String> = labels
+        .iter()
+        .map(|(label, value)| format!("{label}=\"{value}\""))
+        .collect();
     let mut buckets: Vec<(f64, f64)> = Vec::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(&prefix) else {
@@ -355,7 +376,7 @@ pub fn quantile(text: &str, name: &str, (label, value): (&str, &str), q: f64) ->
         let Some((labels, count)) = rest.split_once("} ") else {
             continue;
         };
-        if !labels.split(',').any(|l| l == want) {
+        if !wanted.iter().all(|w| labels.split(',').any(|l| l == w)) {
             continue;
         }
         let le = labels
@@ -470,7 +491,7 @@ mod quantile_tests {
         let text = "h_bucket{route=\"a\",le=\"0.1\"} 50\nh_bucket{route=\"a\",le=\"0.2\"} 100\n\
                     h_bucket{route=\"a\",le=\"+Inf\"} 100\nh_bucket{route=\"b\",le=\"0.1\"} 0\n\
                     h_bucket{route=\"b\",le=\"+Inf\"} 0\n";
-        let q = |route, q| super::quantile(text, "h", ("route", route), q);
+        let q = |route, q| super::quantile(text, "h", &[("route", route)], q);
         assert_eq!(q("a", 0.5), Some(0.1));
         assert!((q("a", 0.99).unwrap() - 0.198).abs() < 1e-9);
         assert_eq!(q("b", 0.99), None);

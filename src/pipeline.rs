@@ -608,8 +608,11 @@ async fn forward(
     let target = crate::upstream::health::choose(upstream.pick(), pools);
     proxy::forward(
         upstream,
-        target,
-        pools,
+        proxy::Targets {
+            chosen: target,
+            pools,
+            durations: &rt.target_durations[upstream.index],
+        },
         Request::from_parts(parts, body),
         &watch,
         server.max_body,

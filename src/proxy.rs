@@ -11,6 +11,7 @@ use http::header::{self, HeaderName};
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::histogram::Histogram;
 
 use crate::body::{BodyFault, BodyWatch, RequestBody, error_chain};
 use crate::conn::{ConnInfo, Cut};
@@ -270,15 +271,27 @@ pub struct Tunnel<'a> {
     pub cut: &'a Cut,
 }
 
-/// Sends `request` (whose headers the caller has prepared) to target `target` of `upstream`
+/// The targets of one upstream as forwarding uses them: the one chosen for this request, each
+/// one's pool and response-time histogram (same order as the upstream's `targets`).
+#[derive(Clone, Copy)]
+pub struct Targets<'a> {
+    pub chosen: usize,
+    pub pools: &'a [Arc<TargetPool>],
+    pub durations: &'a [Histogram],
+}
+
+/// Sends `request` (whose headers the caller has prepared) to the chosen target of `upstream`
 /// through its connection pool and waits for the response head, bounded by the upstream's
 /// timeout. A request that could not be sent at all (the target refused the connection) is
 /// sent once more, to another target ([`health::another`]). The response's hop-by-hop
 /// headers are stripped and `Via` added; a `101` is spliced to the client connection.
 pub async fn forward(
     upstream: &Upstream,
-    target: usize,
-    pools: &[Arc<TargetPool>],
+    Targets {
+        chosen: target,
+        pools,
+        durations,
+    }: Targets<'_>,
     mut request: Request<RequestBody>,
     watch: &BodyWatch,
     max_body: Option<u64>,
@@ -306,6 +319,7 @@ pub async fn forward(
         None
     };
     let limit = grpc_deadline(request.headers_mut(), upstream.timeout);
+    let started = std::time::Instant::now();
     let mut used = target;
     let attempts = async {
         match pools[target].send(request).await {
@@ -351,7 +365,10 @@ pub async fn forward(
                 }
             });
         }
-        Ok(Ok(r)) => r,
+        Ok(Ok(r)) => {
+            durations[used].observe(started.elapsed().as_secs_f64());
+            r
+        }
     };
     if let Some(fault) = watch.fault() {
         return Err(body_error(fault, max_body));

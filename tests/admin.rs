@@ -113,11 +113,12 @@ async fn metrics_count_what_was_sent_by_route_and_decision() {
         1.0
     );
     // No client address or key ever becomes a label (the upstream targets, from the config,
-    // label their health gauge).
+    // label their health gauge and response-time histogram).
     let text = String::from_utf8_lossy(&reply.body);
     assert!(
         text.lines()
             .filter(|l| !l.starts_with("tollgate_upstream_healthy{"))
+            .filter(|l| !l.starts_with("tollgate_upstream_target_duration_seconds_"))
             .all(|l| !l.contains("127.0.0.1")),
         "{text}"
     );

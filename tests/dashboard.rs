@@ -218,6 +218,10 @@ async fn the_page_shows_what_metrics_say_and_charts_a_burst_of_429s() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The upstream target, healthy, with its p99 time to a response head.
+    let target = "(() => { const e = document.querySelector('[data-upstream=\"api\"] [data-target]'); \
+                  return e ? [e.dataset.healthy, e.dataset.p99 !== '', e.textContent.includes('p99')] : null; })()";
+    wait_until(&mut page, target, serde_json::json!(["true", true, true])).await;
     let shot = page
         .call(
             "Page.captureScreenshot",

@@ -143,6 +143,17 @@ async fn a_refusing_target_is_ejected_and_its_requests_go_to_the_other() {
     assert_eq!(targets[0]["target"], format!("http://{dead}"));
     assert_eq!(targets[0]["healthy"], false);
     assert_eq!(targets[1]["healthy"], true);
+    // Each target's p99 time to a response head: none for the dead one (it never answered),
+    // a figure for the live one.
+    assert!(targets[0]["p99_ms"].is_null(), "{targets}");
+    let p99 = targets[1]["p99_ms"]
+        .as_f64()
+        .expect("a p99 for the live target");
+    assert!(p99 > 0.0 && p99 < 2000.0, "{p99}");
+    assert!(scraped.contains(&format!(
+        "tollgate_upstream_target_duration_seconds_count{{upstream=\"api\",target=\"{}\"}} 20",
+        live.addr
+    )));
     tollgate.stop().await;
 }
 
