@@ -15,12 +15,16 @@ on cpu0; wrk, the nginx upstream and Redis on cpu1) and an nginx baseline in the
 5. jwt: a `jwt:sub`-keyed token bucket with a hot set of 1,000 valid RS256 tokens (signed here
    with the test fixture key; needs the Python `cryptography` package), next to no limit.
 7. response: limits that see the response, on Redis.
+9. upstreams: an https:// upstream (nginx with TLS, verified against a CA made here by
+   openssl) next to nginx `proxy_pass https://` with `proxy_ssl_session_reuse on`, both with
+   keep-alive pools (wrk); and an h2c upstream at 64 concurrent streams on one client
+   connection (h2load -c1 -m64) next to nginx `grpc_pass`.
 8. telemetry: no limit with `[telemetry]` at sample_ratio 0 and 1 (spans posted to the nginx
    upstream, which answers 200), and at 1 with a black-hole collector (a socket of this script
    that accepts nothing), next to tollgate's no-limit row: throughput and p99.
 
 Loopback only; every process started here is stopped by its PID (process group) at the end.
-Usage: bench/extra.py [--seconds 60] [--out FILE] [--only keys10k,flood,conns5000,consumers,jwt,traefik,response,telemetry]
+Usage: bench/extra.py [--seconds 60] [--out FILE] [--only keys10k,flood,conns5000,consumers,jwt,traefik,response,telemetry,upstreams]
                       [--rounds 3]
 (prints Markdown; --out also writes it)
 """
@@ -40,6 +44,7 @@ ROOT = os.path.dirname(HERE)
 BIN = os.path.join(ROOT, "target", "release", "tollgate")
 HOST = "127.0.0.1"
 UP, NGX, TG, REDIS, TRAEFIK, BLACKHOLE = 18280, 18281, 18290, 18279, 18295, 18296
+UP_TLS, UP_H2, NGX_TLS, NGX_H2 = 18282, 18283, 18284, 18285
 
 
 def start(cmd, cpu, **kw):
@@ -118,16 +123,49 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--out")
-    ap.add_argument("--only", default="keys10k,flood,conns5000,consumers,jwt,traefik,response,telemetry")
+    ap.add_argument("--only", default="keys10k,flood,conns5000,consumers,jwt,traefik,response,telemetry,upstreams")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the wrk-script sections")
     args = ap.parse_args()
     only = set(args.only.split(","))
     work = tempfile.mkdtemp(prefix="tollgate-extra-")
+    # A CA and a server certificate (localhost and 127.0.0.1) for the https:// upstream rows.
+    ca, cert, key = (os.path.join(work, n) for n in ("ca.pem", "up.pem", "up-key.pem"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=bench CA", "-keyout", os.path.join(work, "ca-key.pem"),
+                    "-out", ca], check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-subj", "/CN=localhost", "-keyout", key, "-out", os.path.join(work, "up.csr")],
+                   check=True, capture_output=True)
+    with open(os.path.join(work, "san.ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", os.path.join(work, "up.csr"), "-CA", ca,
+                    "-CAkey", os.path.join(work, "ca-key.pem"), "-CAcreateserial", "-days", "1",
+                    "-extfile", os.path.join(work, "san.ext"), "-out", cert], check=True, capture_output=True)
     with open(os.path.join(work, "up.conf"), "w") as f:
         f.write(f"""worker_processes 1; daemon off; pid {work}/up.pid; error_log {work}/up.err;
 events {{ worker_connections 20000; }}
+http {{ access_log off; keepalive_requests 10000000; http2_max_requests 10000000;
+  server {{ listen {HOST}:{UP} backlog=4096; location / {{ return 200 "ok\\n"; }} }}
+  server {{ listen {HOST}:{UP_TLS} ssl backlog=4096; ssl_certificate {cert}; ssl_certificate_key {key};
+    location / {{ return 200 "ok\\n"; }} }}
+  server {{ listen {HOST}:{UP_H2} http2 backlog=4096; location / {{ return 200 "ok\\n"; }} }} }}
+""")
+    with open(os.path.join(work, "proxy-tls.conf"), "w") as f:
+        f.write(f"""worker_processes 1; daemon off; pid {work}/pxt.pid; error_log {work}/pxt.err;
+events {{ worker_connections 20000; }}
 http {{ access_log off; keepalive_requests 10000000;
-  server {{ listen {HOST}:{UP} backlog=4096; location / {{ return 200 "ok\\n"; }} }} }}
+  upstream tup {{ server {HOST}:{UP_TLS}; keepalive 256; }}
+  server {{ listen {HOST}:{NGX_TLS} backlog=4096;
+    location / {{ proxy_pass https://tup; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_ssl_session_reuse on; proxy_ssl_verify on; proxy_ssl_trusted_certificate {ca};
+      proxy_ssl_name localhost; proxy_ssl_server_name on; }} }} }}
+""")
+    with open(os.path.join(work, "proxy-grpc.conf"), "w") as f:
+        f.write(f"""worker_processes 1; daemon off; pid {work}/pxg.pid; error_log {work}/pxg.err;
+events {{ worker_connections 20000; }}
+http {{ access_log off; keepalive_requests 10000000; http2_max_requests 10000000;
+  upstream g {{ server {HOST}:{UP_H2}; keepalive 64; }}
+  server {{ listen {HOST}:{NGX_H2} http2 backlog=4096; location / {{ grpc_pass grpc://g; }} }} }}
 """)
     with open(os.path.join(work, "proxy.conf"), "w") as f:
         f.write(f"""worker_processes 1; daemon off; pid {work}/px.pid; error_log {work}/px.err;
@@ -221,6 +259,54 @@ http {{ access_log off; keepalive_requests 10000000;
                 to_nginx = median([a[0] / b[0] for a, b in zip(runs[i], runs[0])])
                 to_nolimit = median([a[0] / b[0] for a, b in zip(runs[i], runs[1])])
                 lines.append(f"| {label} | {rps:.0f} | {p99:.2f} | {to_nginx:.2f} | {to_nolimit:.2f} | {non} |")
+            lines.append("")
+
+        # 9. upstream reach: https:// and h2c upstreams beside nginx doing the same
+        if "upstreams" in only:
+            def nginx_conf(name, port):
+                def make():
+                    p = start(["nginx", "-c", os.path.join(work, name)], 0)
+                    wait_port(port)
+                    return p
+                return make
+            tls_env = {"UPSTREAM_TARGET": f"https://{HOST}:{UP_TLS}",
+                       "UPSTREAM_EXTRA": f'tls = {{ ca = "{ca}", server_name = "localhost" }}'}
+            scripted_rows("### An https:// upstream (TLS to the upstream, keep-alive pools)",
+                          "wrk -t1 -c64 -d8s over plain HTTP to the proxy; the proxy verifies the upstream's certificate "
+                          "against a CA made for the run. nginx with `proxy_ssl_session_reuse on` and `keepalive 256`.",
+                          None, [],
+                          [("nginx proxy_pass https://, session reuse", nginx_conf("proxy-tls.conf", NGX_TLS), NGX_TLS),
+                           ("tollgate nolimit, https:// target", lambda: tollgate("nolimit", tls_env), TG)])
+
+            def h2load(port):
+                cmd = ["taskset", "-c", "1", "h2load", "-c1", "-m64", "-t1", "-D", "8", "--warm-up-time=2",
+                       f"http://{HOST}:{port}/"]
+                out = subprocess.run(cmd, capture_output=True, text=True).stdout
+                rps = float(re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out).group(1))
+                failed = int(re.search(r"(\d+) failed", out).group(1))
+                mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
+                scale = {"us": 0.001, "ms": 1, "s": 1000}[mean.group(2)]
+                return rps, float(mean.group(1)) * scale, failed
+            h2_rows = [("nginx grpc_pass (h2c to h2c)", nginx_conf("proxy-grpc.conf", NGX_H2), NGX_H2),
+                       ("tollgate nolimit, protocol = \"h2\" (h2c to h2c)", lambda: tollgate(
+                           "nolimit", {"UPSTREAM_TARGET": f"http://{HOST}:{UP_H2}",
+                                       "UPSTREAM_EXTRA": 'protocol = "h2"'}), TG)]
+            h2_runs = [[] for _ in h2_rows]
+            for _ in range(args.rounds):
+                for i, (label, make, port) in enumerate(h2_rows):
+                    p = make()
+                    h2_runs[i].append(h2load(port))
+                    stop(p)
+            median = lambda xs: sorted(xs)[len(xs) // 2]
+            lines += ["### An h2c upstream, 64 streams on one client connection", "",
+                      f"h2load -c1 -m64 -D 8 (2 s warm-up) over h2c to the proxy, which speaks h2c to the nginx "
+                      f"upstream. Median of {args.rounds} round(s), ratios taken round by round.", "",
+                      "| row | req/s | mean ms | / nginx grpc_pass | failed |", "|---|---:|---:|---:|---:|"]
+            for i, (label, _, _) in enumerate(h2_rows):
+                rps = median([r[0] for r in h2_runs[i]])
+                mean = median([r[1] for r in h2_runs[i]])
+                ratio = median([a[0] / b[0] for a, b in zip(h2_runs[i], h2_runs[0])])
+                lines.append(f"| {label} | {rps:.0f} | {mean:.2f} | {ratio:.2f} | {sum(r[2] for r in h2_runs[i])} |")
             lines.append("")
 
         # 8. OpenTelemetry traces: the cost of sampling nothing, everything, and a dead collector

@@ -9,6 +9,8 @@
 # bucket keyed by jwt:sub, RS256 tokens verified against the test fixture's JWKS.
 # trace0 / trace1: no limit, with [telemetry] at sample_ratio 0 / 1, spans sent to
 # TRACE_ENDPOINT (default: the upstream nginx, which answers every POST with 200).
+# UPSTREAM_TARGET replaces the target URL (an https:// or h2c upstream), UPSTREAM_EXTRA adds
+# lines to its table (`tls = { ca = "…" }`, `protocol = "h2"`).
 set -euo pipefail
 mode=$1 port=$2 upstream=$3 redis_url=$4 dir=$5
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -77,7 +79,8 @@ workers = 1
 $store
 
 [upstreams.up]
-targets = ["http://$upstream"]
+targets = ["${UPSTREAM_TARGET:-http://$upstream}"]
+${UPSTREAM_EXTRA:-}
 
 [[routes]]
 name = "all"

@@ -72,9 +72,10 @@ impl From<hyper::Error> for SendError {
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How often the reaper looks for connections idle longer than [`IDLE_TIMEOUT`].
 const REAP_EVERY: Duration = Duration::from_secs(10);
-/// What one upstream connection buffers of a response at most: hyper's default (about 400 KiB)
-/// is what a client that stops reading would pin per connection.
-const READ_BUFFER_MAX: usize = 8 * 1024;
+/// What one upstream connection reads at a time (and buffers of a response at most): hyper's
+/// adaptive default grows to about 400 KiB, which a client that stops reading would pin per
+/// connection. 4 KiB, nginx's `proxy_buffer_size` on most systems.
+const READ_BUFFER: usize = 4 * 1024;
 /// Requests in flight on one HTTP/2 connection before another is opened.
 pub const STREAMS_PER_CONNECTION: usize = 100;
 
@@ -912,7 +913,7 @@ where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (sender, connection) = http1::Builder::new()
-        .max_buf_size(READ_BUFFER_MAX)
+        .read_buf_exact_size(Some(READ_BUFFER))
         .handshake(TokioIo::new(io))
         .await?;
     let task = tokio::spawn(async move {
